@@ -1,0 +1,78 @@
+"""Argument checks of the ELSA operator, gathered in one place so that every entry point reports bad
+input the same way: a Python exception that names the argument and shows its value."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {name}={value}")
+
+
+def check_elsa_args(
+    features: Tensor,
+    h_attn: Tensor,
+    ghost_mul: Optional[Tensor],
+    ghost_add: Optional[Tensor],
+    kernel_size: int,
+    dilation: int,
+    stride: int,
+) -> None:
+    """Raises TypeError/ValueError for anything the kernels cannot take (see elsa_function)."""
+    _check_positive_int("kernel_size", kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got kernel_size={kernel_size}")
+    _check_positive_int("dilation", dilation)
+    _check_positive_int("stride", stride)
+
+    named = {"features": features, "h_attn": h_attn, "ghost_mul": ghost_mul, "ghost_add": ghost_add}
+    for name, t in named.items():
+        if t is None and name.startswith("ghost"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, SUPPORTED_DTYPES))}), got {t.dtype}")
+        if t.device != features.device:
+            raise ValueError(f"{name} is on {t.device} but features are on {features.device}")
+        if t.dtype != features.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but features have {features.dtype}; cast them to one dtype")
+
+    if features.dim() != 4:
+        raise ValueError(f"features must be 4-D [B, C, H, W], got {features.shape=}")
+    if features.numel() == 0:
+        raise ValueError(f"features must not be empty, got {features.shape=}")
+    B, C, H, W = features.shape
+    KK = kernel_size * kernel_size
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+
+    if h_attn.dim() not in (4, 5):
+        raise ValueError(f"h_attn must be [B, K*K, Ho, Wo] or [B, G, K*K, Ho, Wo], got {h_attn.shape=}")
+    G = h_attn.shape[1] if h_attn.dim() == 5 else 1
+    expected = (B, G, KK, Ho, Wo) if h_attn.dim() == 5 else (B, KK, Ho, Wo)
+    if tuple(h_attn.shape) != expected:
+        raise ValueError(
+            f"h_attn must have shape {list(expected)} for features of shape {list(features.shape)}, "
+            f"kernel_size={kernel_size} and stride={stride}; got {h_attn.shape=}"
+        )
+    if G == 0 or C % G != 0:
+        raise ValueError(f"channels C={C} must be divisible by the number of attention groups G={G} ({h_attn.shape=})")
+
+    for name in ("ghost_mul", "ghost_add"):
+        t = named[name]
+        if t is None:
+            continue
+        ok = (t.dim() == 3 and tuple(t.shape) == (C, kernel_size, kernel_size)) or (
+            t.dim() == 4 and tuple(t.shape) == (B, C, kernel_size, kernel_size)
+        )
+        if not ok:
+            raise ValueError(
+                f"{name} must have shape [C, K, K]=[{C}, {kernel_size}, {kernel_size}] or "
+                f"[B, C, K, K]=[{B}, {C}, {kernel_size}, {kernel_size}], got {t.shape=}"
+            )

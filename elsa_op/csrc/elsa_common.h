@@ -1,0 +1,106 @@
+// Shapes and argument checks shared by the schema, CPU and CUDA translation units.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace elsa_op {
+
+// Geometry of one ELSA call. Ghost kernels are indexed with `ghost_batch_stride`, which is 0 for
+// broadcast (C, K, K) kernels so that they are never expanded per batch element.
+struct ElsaGeometry {
+  int64_t B, C, H, W, G, K, dilation, stride, Ho, Wo;
+
+  int64_t radius() const { return K / 2; }
+  int64_t kk() const { return K * K; }
+  int64_t channels_per_group() const { return C / G; }
+};
+
+inline ElsaGeometry make_geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t G, int64_t K,
+                                  int64_t dilation, int64_t stride) {
+  TORCH_CHECK(K > 0 && K % 2 == 1, "elsa: kernel_size must be a positive odd integer, got ", K);
+  TORCH_CHECK(dilation > 0, "elsa: dilation must be positive, got ", dilation);
+  TORCH_CHECK(stride > 0, "elsa: stride must be positive, got ", stride);
+  TORCH_CHECK(G > 0 && C % G == 0, "elsa: channels (", C, ") must be divisible by groups (", G, ")");
+  TORCH_CHECK(B > 0 && C > 0 && H > 0 && W > 0, "elsa: empty input of shape [", B, ", ", C, ", ", H,
+              ", ", W, "]");
+  return ElsaGeometry{B, C, H, W, G, K, dilation, stride, (H - 1) / stride + 1, (W - 1) / stride + 1};
+}
+
+inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "elsa: ", name, " is on ", t.device(), " but features on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "elsa: ", name, " has dtype ", t.scalar_type(),
+              " but features have ", ref.scalar_type());
+}
+
+inline void check_attn(const at::Tensor& h, const ElsaGeometry& g) {
+  TORCH_CHECK(h.dim() == 5 && h.size(0) == g.B && h.size(1) == g.G && h.size(2) == g.kk() &&
+                  h.size(3) == g.Ho && h.size(4) == g.Wo,
+              "elsa: h_attn must have shape [", g.B, ", ", g.G, ", ", g.kk(), ", ", g.Ho, ", ", g.Wo,
+              "], got ", h.sizes());
+}
+
+// Returns the batch stride of a ghost kernel in elements: 0 for a broadcast (C, K, K) kernel.
+inline int64_t check_ghost(const at::Tensor& t, const ElsaGeometry& g, const char* name) {
+  const bool batched = t.dim() == 4;
+  TORCH_CHECK((t.dim() == 3 || batched) && t.size(-3) == g.C && t.size(-2) == g.K && t.size(-1) == g.K &&
+                  (!batched || t.size(0) == g.B),
+              "elsa: ", name, " must have shape [", g.C, ", ", g.K, ", ", g.K, "] or [", g.B, ", ", g.C,
+              ", ", g.K, ", ", g.K, "], got ", t.sizes());
+  return batched ? g.C * g.kk() : 0;
+}
+
+// Output columns j whose input column j * stride + offset lies inside [0, width).
+inline void valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_width, int64_t& j0,
+                          int64_t& j1) {
+  j0 = offset < 0 ? (-offset + stride - 1) / stride : 0;
+  const int64_t last = width - 1 - offset;
+  j1 = last < 0 ? 0 : std::min(out_width, last / stride + 1);
+  if (j1 < j0) j1 = j0;
+}
+
+inline ElsaGeometry check_forward_args(const at::Tensor& features, const at::Tensor& h_attn,
+                                      const std::optional<at::Tensor>& ghost_mul,
+                                      const std::optional<at::Tensor>& ghost_add, int64_t K, int64_t dilation,
+                                      int64_t stride) {
+  TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
+  TORCH_CHECK(h_attn.dim() == 5, "elsa: h_attn must be [B, G, K*K, Ho, Wo], got ", h_attn.sizes());
+  const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3),
+                               h_attn.size(1), K, dilation, stride);
+  check_same(features, h_attn, "h_attn");
+  check_attn(h_attn, g);
+  if (ghost_mul) {
+    check_same(features, *ghost_mul, "ghost_mul");
+    check_ghost(*ghost_mul, g, "ghost_mul");
+  }
+  if (ghost_add) {
+    check_same(features, *ghost_add, "ghost_add");
+    check_ghost(*ghost_add, g, "ghost_add");
+  }
+  return g;
+}
+
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& features, const ElsaGeometry& g) {
+  check_same(features, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.B && grad_out.size(1) == g.C &&
+                  grad_out.size(2) == g.Ho && grad_out.size(3) == g.Wo,
+              "elsa: grad_out must have shape [", g.B, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ",
+              grad_out.sizes());
+}
+
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t ? t->contiguous() : at::Tensor();
+}
+
+template <typename scalar_t>
+inline const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+inline int64_t ghost_batch_stride(const at::Tensor& t, const ElsaGeometry& g) {
+  return t.defined() && t.dim() == 4 ? g.C * g.kk() : 0;
+}
+
+}  // namespace elsa_op

@@ -1,0 +1,127 @@
+"""The ELSA operator as a `torch.library` custom op: Python API, fake kernels and autograd."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .checks import check_elsa_args
+
+_ops = torch.ops.elsa_op
+
+
+def elsa_function(
+    features: Tensor,
+    h_attn: Tensor,
+    ghost_mul: Optional[Tensor] = None,
+    ghost_add: Optional[Tensor] = None,
+    *,
+    kernel_size: int,
+    dilation: int = 1,
+    stride: int = 1,
+) -> Tensor:
+    """Local attention with per-pixel Hadamard attention and ghost kernels.
+
+    ``out[b, c, i, j] = sum_{p, q < K} x[b, c, i*s + (p - K//2)*d, j*s + (q - K//2)*d]
+    * (m[c, p, q] * h[b, c // (C/G), p*K + q, i, j] + a[c, p, q])``, with zero padding.
+
+    Args:
+        features (Tensor[B, C, H, W]): the values ``x``.
+        h_attn (Tensor[B, G, K*K, Ho, Wo] or Tensor[B, K*K, Ho, Wo]): attention per output pixel,
+            shared by the C/G channels of each group; 4-D means G = 1.
+        ghost_mul (Tensor[C, K, K] or Tensor[B, C, K, K], optional): multiplicative ghost kernel ``m``;
+            None means 1. A 3-D kernel is broadcast over the batch (and its gradient summed over it).
+        ghost_add (Tensor[C, K, K] or Tensor[B, C, K, K], optional): additive ghost kernel ``a``;
+            None means 0.
+        kernel_size (int): odd window size K.
+        dilation (int): spacing of the window taps. Default: 1.
+        stride (int): output stride s; ``Ho = (H - 1) // s + 1``. Default: 1.
+
+    Returns:
+        Tensor[B, C, Ho, Wo], in the inputs' dtype. Under ``torch.autocast`` the inputs are first cast
+        to the autocast dtype, as convolutions are.
+    """
+    device_type = features.device.type if isinstance(features, Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        features, h_attn, ghost_mul, ghost_add = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (features, h_attn, ghost_mul, ghost_add)
+        )
+    check_elsa_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+    if features.device.type != "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "elsa_op::elsa_forward", features.device.type.upper()
+    ):
+        raise RuntimeError(
+            f"elsa_op._C was built without {features.device.type} kernels; rebuild it where nvcc is "
+            "available (or with FORCE_CUDA=1): python setup.py build_ext --inplace"
+        )
+    if h_attn.dim() == 4:
+        h_attn = h_attn.unsqueeze(1)
+    return _ops.elsa_forward(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
+
+
+def _out_size(size, stride: int):
+    return (size - 1) // stride + 1
+
+
+@torch.library.register_fake("elsa_op::elsa_forward")
+def _elsa_forward_fake(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride):
+    B, C, H, W = features.shape
+    return features.new_empty((B, C, _out_size(H, stride), _out_size(W, stride)))
+
+
+@torch.library.register_fake("elsa_op::elsa_backward_features")
+def _elsa_backward_features_fake(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size, dilation, stride):
+    B, C = grad_out.shape[:2]
+    return grad_out.new_empty((B, C, height, width))
+
+
+@torch.library.register_fake("elsa_op::elsa_backward_attn")
+def _elsa_backward_attn_fake(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride):
+    B, C, H, W = features.shape
+    return grad_out.new_empty((B, groups, kernel_size * kernel_size, _out_size(H, stride), _out_size(W, stride)))
+
+
+@torch.library.register_fake("elsa_op::elsa_backward_ghost")
+def _elsa_backward_ghost_fake(grad_out, features, h_attn, groups, kernel_size, dilation, stride, batched, need_mul, need_add):
+    B, C = features.shape[:2]
+    shape = (B, C, kernel_size, kernel_size) if batched else (C, kernel_size, kernel_size)
+    return tuple(grad_out.new_empty(shape if need else (0,)) for need in (need_mul, need_add))
+
+
+def _setup_context(ctx, inputs, output):
+    features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride = inputs
+    need_x, need_h, need_m, need_a = ctx.needs_input_grad[:4]
+    ctx.geometry = (features.shape[2], features.shape[3], h_attn.shape[1], kernel_size, dilation, stride)
+    ctx.ghost_batched = tuple(t is not None and t.dim() == 4 for t in (ghost_mul, ghost_add))
+    # Keep only what the requested gradients read.
+    ctx.save_for_backward(
+        features if (need_h or need_m or need_a) else None,
+        h_attn if (need_x or need_m) else None,
+        ghost_mul if (need_x or need_h) else None,
+        ghost_add if need_x else None,
+    )
+
+
+def _backward(ctx, grad_out):
+    features, h_attn, ghost_mul, ghost_add = ctx.saved_tensors
+    H, W, G, K, d, s = ctx.geometry
+    need_x, need_h, need_m, need_a = ctx.needs_input_grad[:4]
+    grad_out = grad_out.contiguous()
+    gx = gh = gm = ga = None
+    if need_x:
+        gx = _ops.elsa_backward_features(grad_out, h_attn, ghost_mul, ghost_add, H, W, K, d, s)
+    if need_h:
+        gh = _ops.elsa_backward_attn(grad_out, features, ghost_mul, G, K, d, s)
+    mul_batched, add_batched = ctx.ghost_batched
+    if need_m and need_a and mul_batched == add_batched:
+        gm, ga = _ops.elsa_backward_ghost(grad_out, features, h_attn, G, K, d, s, mul_batched, True, True)
+    else:
+        if need_m:
+            gm = _ops.elsa_backward_ghost(grad_out, features, h_attn, G, K, d, s, mul_batched, True, False)[0]
+        if need_a:
+            ga = _ops.elsa_backward_ghost(grad_out, features, h_attn, G, K, d, s, add_batched, False, True)[1]
+    return gx, gh, gm, ga, None, None, None
+
+
+torch.library.register_autograd("elsa_op::elsa_forward", _backward, setup_context=_setup_context)

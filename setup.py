@@ -1,0 +1,74 @@
+"""Builds `elsa_op._C`, the ELSA operator's C++/CUDA library.
+
+The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for
+sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise. DEBUG=1 builds with -O0 -g.
+
+    python setup.py build_ext --inplace
+"""
+import glob
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def _set_cuda_home() -> None:
+    """torch takes the toolkit root from nvcc's location; where nvcc is a wrapper outside the toolkit
+    (here /usr/local/bin/nvcc) that root has no libcudart and linking fails, so find the real one."""
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ or not shutil.which("nvcc"):
+        return
+    for root in (Path(shutil.which("nvcc")).resolve().parent.parent, Path("/usr/local/cuda")):
+        if (root / "bin" / "nvcc").exists() and any((root / "lib64").glob("libcudart.so*")):
+            os.environ["CUDA_HOME"] = str(root)
+            return
+
+
+_set_cuda_home()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).resolve().parent
+CSRC = Path("elsa_op") / "csrc"
+
+
+def _cuda_include_dirs() -> list[str]:
+    """Headers that torch's CUDA headers include but a toolkit-only nvcc install may lack.
+
+    PyPI's torch ships them inside its nvidia-* wheels (nvidia/cu13/include for CUDA 13).
+    """
+    site = Path(sysconfig.get_paths()["purelib"])
+    return sorted(str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir())
+
+
+def _extension():
+    debug = os.getenv("DEBUG", "0") == "1"
+    use_cuda = os.getenv("FORCE_CUDA", "0") == "1" or CUDA_HOME is not None
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources = [str(CSRC / "elsa.cpp")] + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++20", "-fdiagnostics-color=always"]
+    kwargs = dict(
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-O0", "-g"] if debug else [],
+        depends=sorted(glob.glob(str(CSRC / "*.h"))),
+    )
+    if not use_cuda:
+        return CppExtension("elsa_op._C", sources, **kwargs)
+    sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
+    kwargs["extra_compile_args"]["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++20"]
+    kwargs["include_dirs"] = _cuda_include_dirs()
+    return CUDAExtension("elsa_op._C", sources, **kwargs)
+
+
+setup(
+    name="elsa",
+    version="0.1.0",
+    description="ELSA: Enhanced Local Self-Attention for Vision Transformer (operator, models, plugins)",
+    packages=find_packages(include=["elsa_op", "elsa_op.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+)

@@ -1,0 +1,222 @@
+"""elsa_op: parity with the original, gradcheck against the reference, opcheck, compile, bad input."""
+import itertools
+
+import pytest
+import torch
+
+from elsa_op import elsa_function, elsa_reference
+from conftest import DATA, cuda_only
+
+
+def make_inputs(B=2, C=6, H=7, W=9, G=3, K=3, stride=1, ghost="broadcast", dtype=torch.float64, device="cpu", grad=True):
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    g = torch.Generator().manual_seed(B * 1000 + C * 100 + K * 10 + stride)
+    ghost_shape = {"broadcast": (C, K, K), "batched": (B, C, K, K)}.get(ghost)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    x = rand(B, C, H, W)
+    h = rand(B, G, K * K, Ho, Wo) if G > 1 else rand(B, K * K, Ho, Wo)
+    m = rand(*ghost_shape) if ghost_shape else None
+    a = rand(*ghost_shape) if ghost_shape else None
+    return x, h, m, a
+
+
+# ---- parity with the original implementation -------------------------------------------------
+@pytest.mark.parametrize("case", range(5))
+def test_parity_with_original(case):
+    c = torch.load(DATA / "elsa_op_cases.pt", weights_only=False)[case]
+    K, d, lam, gamma = (c["args"][k] for k in ("kernel_size", "dilation", "lam", "gamma"))
+    x = c["features"].clone().requires_grad_()
+    h = c["h_attn"].clone().requires_grad_()
+    mul = c["ghost_mul"].clone().requires_grad_()
+    add = c["ghost_add"].clone().requires_grad_()
+    # lam/gamma belong to the layer: m = ghost_mul ** lam, a = ghost_add * gamma.
+    m = mul**lam if lam != 0 else None
+    a = add * gamma if gamma != 0 else None
+    out = elsa_function(x, h, m, a, kernel_size=K, dilation=d)
+    torch.testing.assert_close(out, c["out"], rtol=1e-10, atol=1e-10)
+    inputs = {"grad_features": x, "grad_h_attn": h, "grad_ghost_mul": mul, "grad_ghost_add": add}
+    wanted = {k: v for k, v in inputs.items() if c[k] is not None}
+    grads = torch.autograd.grad(out, list(wanted.values()), c["grad_out"])
+    for name, grad in zip(wanted, grads):
+        torch.testing.assert_close(grad, c[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ---- gradcheck in float64 --------------------------------------------------------------------
+GRID = list(itertools.product([1, 3, 5, 7, 9], [1, 2, 3], [1, 2]))
+
+
+@pytest.mark.parametrize("K,dilation,stride", GRID)
+def test_gradcheck_grid(K, dilation, stride):
+    x, h, m, a = make_inputs(B=2, C=6, H=6, W=5, G=3, K=K, stride=stride)
+    fn = lambda *t: elsa_function(*t, kernel_size=K, dilation=dilation, stride=stride)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h, m, a), eps=1e-6, atol=1e-7)
+    torch.testing.assert_close(fn(x, h, m, a), elsa_reference(x, h, m, a, kernel_size=K, dilation=dilation, stride=stride))
+
+
+@pytest.mark.parametrize(
+    "shape,G,ghost",
+    [
+        ((2, 4, 5, 8), 1, "batched"),  # non-square, per-batch ghost kernels, 4-D h_attn
+        ((1, 3, 2, 3), 3, "broadcast"),  # image smaller than the kernel
+        ((3, 6, 4, 4), 3, None),  # no ghost kernels
+        ((2, 6, 9, 3), 2, "batched"),
+    ],
+)
+@pytest.mark.parametrize("K,stride", [(5, 1), (7, 2)])
+def test_gradcheck_shapes(shape, G, ghost, K, stride):
+    B, C, H, W = shape
+    x, h, m, a = make_inputs(B, C, H, W, G, K, stride, ghost)
+    fn = lambda *t: elsa_function(*t, kernel_size=K, dilation=2, stride=stride)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h, m, a), eps=1e-6, atol=1e-7)
+
+
+def test_mixed_ghost_batching_and_partial_grads():
+    x, h, m, _ = make_inputs(ghost="broadcast")
+    _, _, _, a = make_inputs(ghost="batched")
+    x.requires_grad_(False)
+    m.requires_grad_(False)
+    kw = dict(kernel_size=3, dilation=2)
+    out = elsa_function(x, h, m, a, **kw)
+    ref = elsa_reference(x, h, m, a, **kw)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (h, a), go)
+    want = torch.autograd.grad(ref, (h, a), go)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_non_contiguous_inputs():
+    x, h, m, a = make_inputs(B=2, C=6, H=8, W=8, G=3, K=3, grad=False)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, strided
+    ht = h[..., ::1].permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
+    mt = m.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xt.is_contiguous() and not ht.is_contiguous() and not mt.is_contiguous()
+    torch.testing.assert_close(elsa_function(xt, ht, mt, a, kernel_size=3), elsa_function(x, h, m, a, kernel_size=3))
+    big = torch.randn(2, 12, 8, 8, dtype=torch.float64)[:, ::2]  # channel-strided slice
+    torch.testing.assert_close(
+        elsa_function(big, h, m, a, kernel_size=3), elsa_reference(big, h, m, a, kernel_size=3)
+    )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_low_precision_cpu(dtype, tol):
+    x, h, m, a = make_inputs(B=2, C=8, H=10, W=12, G=2, K=5, dtype=torch.float64, grad=False)
+    h = h.softmax(2)
+    ref = elsa_reference(x, h, m, a, kernel_size=5)
+    cast = [t.to(dtype).requires_grad_() for t in (x, h, m, a)]
+    out = elsa_function(*cast, kernel_size=5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol * 10, atol=tol * 10)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all() for t in cast)
+
+
+def test_autocast_casts_to_the_autocast_dtype():
+    x, h, m, a = make_inputs(dtype=torch.float32, grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = elsa_function(x, h.double(), m, a, kernel_size=3)  # mixed dtypes are unified
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), elsa_function(x, h, m, a, kernel_size=3), rtol=5e-2, atol=5e-2)
+
+
+def test_backward_is_deterministic():
+    x, h, m, a = make_inputs(B=4, C=12, H=14, W=14, G=3, K=7)
+    grads = []
+    for _ in range(2):
+        out = elsa_function(x, h, m, a, kernel_size=7)
+        grads.append(torch.autograd.grad(out, (x, h, m, a), torch.ones_like(out)))
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+# ---- torch.library integration ---------------------------------------------------------------
+@pytest.mark.parametrize("ghost,stride", [("broadcast", 1), ("batched", 2), (None, 1)])
+def test_opcheck(ghost, stride):
+    x, h, m, a = make_inputs(G=3, K=3, stride=stride, ghost=ghost)
+    h = h if h.dim() == 5 else h.unsqueeze(1)
+    torch.library.opcheck(torch.ops.elsa_op.elsa_forward.default, (x, h, m, a, 3, 2, stride))
+
+
+def test_torch_compile_fullgraph():
+    x, h, m, a = make_inputs(dtype=torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def fn(x, h, m, a):
+        return elsa_function(x.relu(), h.softmax(2), m, a, kernel_size=3).sum()
+
+    fn(x, h, m, a).backward()
+    got = [t.grad.clone() for t in (x, h, m, a)]
+    for t in (x, h, m, a):
+        t.grad = None
+    elsa_reference(x.relu(), h.softmax(2), m, a, kernel_size=3).sum().backward()
+    for g, t in zip(got, (x, h, m, a)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _bad(**change):
+    x, h, m, a = make_inputs(grad=False, dtype=torch.float32)
+    args = dict(features=x, h_attn=h, ghost_mul=m, ghost_add=a, kernel_size=3, dilation=1, stride=1)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(features=torch.randn(6, 7, 9)), ValueError, "features must be 4-D"),
+        (dict(features=torch.randn(0, 6, 7, 9)), ValueError, "features must not be empty"),
+        (dict(h_attn=torch.randn(2, 3, 9, 7)), ValueError, "h_attn must have shape"),
+        (dict(h_attn=torch.randn(2, 9, 7)), ValueError, "h_attn must be"),
+        (dict(h_attn=torch.randn(2, 4, 9, 7, 9)), ValueError, "divisible"),
+        (dict(h_attn=torch.randn(3, 3, 9, 7, 9)), ValueError, "h_attn must have shape"),
+        (dict(ghost_mul=torch.randn(6, 5, 5)), ValueError, "ghost_mul must have shape"),
+        (dict(ghost_add=torch.randn(3, 6, 3, 3)), ValueError, "ghost_add must have shape"),
+        (dict(kernel_size=4), ValueError, "kernel_size must be odd"),
+        (dict(kernel_size=0), ValueError, "kernel_size must be positive"),
+        (dict(kernel_size=3.0), TypeError, "kernel_size must be an int"),
+        (dict(dilation=0), ValueError, "dilation must be positive"),
+        (dict(stride=-1), ValueError, "stride must be positive"),
+        (dict(ghost_add=torch.randn(6, 3, 3, dtype=torch.float64)), TypeError, "ghost_add has dtype"),
+        (dict(features=torch.randint(0, 3, (2, 6, 7, 9))), TypeError, "features must be a floating"),
+        (dict(h_attn=torch.randn(2, 3, 9, 7, 9, device="meta")), ValueError, "h_attn is on meta"),
+        (dict(h_attn=None), TypeError, "h_attn must be a Tensor"),
+    ],
+)
+def test_bad_input(change, exc, match):
+    with pytest.raises(exc, match=match):
+        elsa_function(**_bad(**change))
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("K,dilation,stride,ghost", [(7, 1, 1, "broadcast"), (5, 2, 2, "batched"), (13, 1, 1, None), (3, 3, 1, "broadcast")])
+def test_cuda_matches_cpu(dtype, tol, K, dilation, stride, ghost):
+    x, h, m, a = make_inputs(B=2, C=12, H=15, W=17, G=3, K=K, stride=stride, ghost=ghost, dtype=torch.float32, grad=False)
+    h = h.softmax(2)
+    kw = dict(kernel_size=K, dilation=dilation, stride=stride)
+    cpu = [t.requires_grad_() if t is not None else None for t in (x, h, m, a)]
+    gpu = [t.detach().cuda().to(dtype).requires_grad_() if t is not None else None for t in (x, h, m, a)]
+    out_cpu = elsa_function(*cpu, **kw)
+    out_gpu = elsa_function(*gpu, **kw)
+    assert out_gpu.dtype == dtype
+    torch.testing.assert_close(out_gpu.float().cpu(), out_cpu, rtol=tol * 10, atol=tol * 10)
+    go = torch.randn_like(out_cpu)
+    live = [i for i, t in enumerate(cpu) if t is not None]
+    g_cpu = torch.autograd.grad(out_cpu, [cpu[i] for i in live], go)
+    g_gpu = torch.autograd.grad(out_gpu, [gpu[i] for i in live], go.cuda().to(dtype))
+    for a_, b_ in zip(g_gpu, g_cpu):
+        scale = b_.abs().max().item() + 1
+        torch.testing.assert_close(a_.float().cpu() / scale, b_ / scale, rtol=tol * 10, atol=tol * 10)
+
+
+@cuda_only
+def test_cuda_gradcheck_and_opcheck():
+    x, h, m, a = make_inputs(K=5, stride=2, device="cuda")
+    fn = lambda *t: elsa_function(*t, kernel_size=5, dilation=2, stride=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h, m, a), eps=1e-6, atol=1e-7)
+    torch.library.opcheck(torch.ops.elsa_op.elsa_forward.default, (x, h, m, a, 5, 2, 2))
