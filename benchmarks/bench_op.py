@@ -7,13 +7,12 @@ the same run; the ratio column is unfold / elsa_op.
 
     python benchmarks/bench_op.py [--device cpu|cuda] [--reps 5] [--dtypes float32 ...]
 
-CPU peak memory is the growth of the process's peak RSS during one forward+backward, each case in a
-fresh subprocess; on CUDA it is torch.cuda.max_memory_allocated above the inputs. On CUDA the table also
+CPU peak memory is the growth of the peak resident size (VmHWM, reset just before) during one
+forward+backward, each case in a fresh subprocess; on CUDA it is torch.cuda.max_memory_allocated above the inputs. On CUDA the table also
 gives the achieved bandwidth (compulsory bytes / time) against the device's peak.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,11 +88,18 @@ def peak_memory_cuda(impl, shape, dtype) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def peak_memory_cpu_child(impl, shape, dtype) -> int:
     x, h, a, K = make_inputs(shape, "cpu", dtype)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident size, to the current one
+        f.write("5")
+    base = _proc_status_kib("VmRSS")
     step(impl, x, h, a, K)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    return (_proc_status_kib("VmHWM") - base) * 1024
 
 
 def peak_memory_cpu(impl, shape, dtype_name) -> int:

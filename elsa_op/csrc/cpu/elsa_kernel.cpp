@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../elsa_common.h"
@@ -209,6 +210,237 @@ void backward_ghost_impl(const ElsaGeometry& g, const scalar_t* go, const scalar
   });
 }
 
+// ---- Unit stride: zero-padded planes ---------------------------------------------------------------
+// With stride 1 every tap is a fixed offset into a zero-padded plane whose rows are Wp = W + 2*r*d long,
+// so these kernels sweep whole planes without bounds checks: outputs are computed in the padded-width
+// layout n = i * Wp + j and the columns j >= W are dropped. A block of kBlock outputs stays in registers
+// while all taps are summed. Planes are converted to acc_t once, so half/bfloat16 run the float loops.
+// The models only use stride 1; other strides take the row kernels above.
+// 16-byte vectors through GCC/Clang vector extensions (SSE2, the x86-64 baseline; NEON on Arm), so no
+// intrinsics and no -march flags are needed.
+// Sums over taps stay in registers, four vectors of outputs at a time, until every tap is added.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(16)));
+  static constexpr int64_t lanes = 16 / sizeof(T);
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, const typename Vec<T>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+struct PaddedLayout {
+  int64_t pad, Wp, L, plane;
+  explicit PaddedLayout(const ElsaGeometry& g)
+      : pad(g.radius() * g.dilation), Wp(g.W + 2 * pad), L(g.H * Wp),
+        // the last row's dropped columns read up to 2 * pad elements past the padded plane
+        plane((g.H + 2 * pad) * Wp + 2 * pad) {}
+  int64_t center() const { return pad * Wp + pad; }  // where pixel (0, 0) sits
+};
+
+template <typename scalar_t, typename acc_t>
+void pad_plane(const scalar_t* src, const ElsaGeometry& g, const PaddedLayout& l, acc_t* dst) {
+  std::fill(dst, dst + l.plane, acc_t(0));
+  for (int64_t y = 0; y < g.H; ++y) {
+    acc_t* row = dst + (y + l.pad) * l.Wp + l.pad;
+    for (int64_t x = 0; x < g.W; ++x) row[x] = static_cast<acc_t>(src[y * g.W + x]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void unpad_plane(const acc_t* src, const ElsaGeometry& g, const PaddedLayout& l, scalar_t* dst) {
+  for (int64_t y = 0; y < g.H; ++y)
+    for (int64_t x = 0; x < g.W; ++x) dst[y * g.W + x] = static_cast<scalar_t>(src[y * l.Wp + x]);
+}
+
+// dst[n] = sum_t v[v_off[t] + n] * (mul[t] * h[t * h_stride + h_off[t] + n] + add[t]) for n in [0, len).
+template <typename acc_t>
+void weighted_tap_sum(acc_t* __restrict__ dst, int64_t len, const acc_t* __restrict__ v, const int64_t* v_off,
+                      const acc_t* __restrict__ h, int64_t h_stride, const int64_t* h_off, const acc_t* mul,
+                      const acc_t* add, int64_t kk) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t N = Vec<acc_t>::lanes;
+  int64_t n0 = 0;
+  for (; n0 + 4 * N <= len; n0 += 4 * N) {
+    V acc0{}, acc1{}, acc2{}, acc3{};
+    for (int64_t t = 0; t < kk; ++t) {
+      const acc_t* vv = v + v_off[t] + n0;
+      const acc_t* hv = h + t * h_stride + h_off[t] + n0;
+      const acc_t mu = mul[t], ad = add[t];
+      acc0 += vload(vv) * (mu * vload(hv) + ad);
+      acc1 += vload(vv + N) * (mu * vload(hv + N) + ad);
+      acc2 += vload(vv + 2 * N) * (mu * vload(hv + 2 * N) + ad);
+      acc3 += vload(vv + 3 * N) * (mu * vload(hv + 3 * N) + ad);
+    }
+    vstore(dst + n0, acc0);
+    vstore(dst + n0 + N, acc1);
+    vstore(dst + n0 + 2 * N, acc2);
+    vstore(dst + n0 + 3 * N, acc3);
+  }
+  for (; n0 < len; ++n0) {
+    acc_t acc = 0;
+    for (int64_t t = 0; t < kk; ++t) acc += v[v_off[t] + n0] * (mul[t] * h[t * h_stride + h_off[t] + n0] + add[t]);
+    dst[n0] = acc;
+  }
+}
+
+// dst[n] += go[go_off + n] * x[x_off + n] * mul for n in [0, len).
+template <typename acc_t>
+void product_accumulate(acc_t* __restrict__ dst, int64_t len, const acc_t* __restrict__ go,
+                        const acc_t* __restrict__ x, acc_t mul) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t N = Vec<acc_t>::lanes;
+  int64_t n0 = 0;
+  for (; n0 + N <= len; n0 += N) vstore(dst + n0, vload(dst + n0) + vload(go + n0) * vload(x + n0) * mul);
+  for (; n0 < len; ++n0) dst[n0] += go[n0] * x[n0] * mul;
+}
+
+// sum_n a[n] * b[n] (* w[n] when w is given), summed in vector lanes, then in double.
+template <typename acc_t>
+double lane_dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, const acc_t* __restrict__ w, int64_t len) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t N = Vec<acc_t>::lanes;
+  V acc0{}, acc1{};
+  int64_t n0 = 0;
+  if (w) {
+    for (; n0 + 2 * N <= len; n0 += 2 * N) {
+      acc0 += vload(a + n0) * vload(b + n0) * vload(w + n0);
+      acc1 += vload(a + n0 + N) * vload(b + n0 + N) * vload(w + n0 + N);
+    }
+  } else {
+    for (; n0 + 2 * N <= len; n0 += 2 * N) {
+      acc0 += vload(a + n0) * vload(b + n0);
+      acc1 += vload(a + n0 + N) * vload(b + n0 + N);
+    }
+  }
+  double sum = 0;
+  for (int64_t k = 0; k < N; ++k) sum += static_cast<double>(acc0[k]) + acc1[k];
+  for (; n0 < len; ++n0) sum += static_cast<double>(a[n0]) * b[n0] * (w ? w[n0] : acc_t(1));
+  return sum;
+}
+
+// Offsets of each tap in a padded plane: forward reads x at (i + p*d, j + q*d) of the padded plane;
+// the features gradient reads grad_out and h at (y + (2r - p)*d, x + (2r - q)*d).
+inline std::vector<int64_t> tap_offsets(const ElsaGeometry& g, const PaddedLayout& l, bool flipped) {
+  std::vector<int64_t> off(g.kk());
+  const int64_t last = g.K - 1;
+  for (int64_t p = 0; p < g.K; ++p)
+    for (int64_t q = 0; q < g.K; ++q)
+      off[p * g.K + q] = ((flipped ? last - p : p) * l.Wp + (flipped ? last - q : q)) * g.dilation;
+  return off;
+}
+
+// The K*K ghost values of one channel, or `fallback` where there is no ghost kernel.
+template <typename scalar_t, typename acc_t>
+void load_ghost(const scalar_t* t, int64_t offset, acc_t fallback, std::vector<acc_t>& dst) {
+  for (size_t k = 0; k < dst.size(); ++k) dst[k] = t ? static_cast<acc_t>(t[offset + k]) : fallback;
+}
+
+// Shared by forward and grad-features: per (batch, group), pad the group's K*K attention planes once,
+// then per channel sweep `v` (x for forward, grad_out for grad-features) against them.
+template <typename scalar_t>
+void padded_weighted_impl(const ElsaGeometry& g, const scalar_t* v, const scalar_t* h, const scalar_t* m,
+                          int64_t m_bstride, const scalar_t* a, int64_t a_bstride, scalar_t* out, bool flipped) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PaddedLayout l(g);
+  const int64_t kk = g.kk(), cpg = g.channels_per_group();
+  const auto v_off = tap_offsets(g, l, flipped);
+  const auto h_off = flipped ? v_off : std::vector<int64_t>(kk, l.center());
+  at::parallel_for(0, g.B * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> hp(kk * l.plane), vp(l.plane), acc(l.L), mul(kk), add(kk);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / g.G, grp = bg % g.G;
+      for (int64_t t = 0; t < kk; ++t) pad_plane(h + (bg * kk + t) * g.H * g.W, g, l, hp.data() + t * l.plane);
+      for (int64_t c = grp * cpg; c < (grp + 1) * cpg; ++c) {
+        const int64_t bc = b * g.C + c;
+        pad_plane(v + bc * g.H * g.W, g, l, vp.data());
+        load_ghost(m, b * m_bstride + c * kk, acc_t(1), mul);
+        load_ghost(a, b * a_bstride + c * kk, acc_t(0), add);
+        weighted_tap_sum(acc.data(), l.L, vp.data(), v_off.data(), hp.data(), l.plane, h_off.data(), mul.data(),
+                         add.data(), kk);
+        unpad_plane(acc.data(), g, l, out + bc * g.H * g.W);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void padded_attn_impl(const ElsaGeometry& g, const scalar_t* go, const scalar_t* x, const scalar_t* m,
+                      int64_t m_bstride, scalar_t* gh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PaddedLayout l(g);
+  const int64_t kk = g.kk(), cpg = g.channels_per_group();
+  const auto x_off = tap_offsets(g, l, false);
+  at::parallel_for(0, g.B * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gop(l.plane), xp(l.plane), acc(kk * l.L);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / g.G, grp = bg % g.G;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t c = grp * cpg; c < (grp + 1) * cpg; ++c) {
+        pad_plane(go + (b * g.C + c) * g.H * g.W, g, l, gop.data());
+        pad_plane(x + (b * g.C + c) * g.H * g.W, g, l, xp.data());
+        for (int64_t t = 0; t < kk; ++t) {
+          const acc_t mul = m ? static_cast<acc_t>(m[b * m_bstride + c * kk + t]) : acc_t(1);
+          product_accumulate(acc.data() + t * l.L, l.L, gop.data() + l.center(), xp.data() + x_off[t], mul);
+        }
+      }
+      for (int64_t t = 0; t < kk; ++t) unpad_plane(acc.data() + t * l.L, g, l, gh + (bg * kk + t) * g.H * g.W);
+    }
+  });
+}
+
+// Per (batch, group) partial sums in double, then a fixed-order sum over the batch for broadcast kernels.
+template <typename scalar_t>
+void padded_ghost_impl(const ElsaGeometry& g, const scalar_t* go, const scalar_t* x, const scalar_t* h,
+                       bool batched, scalar_t* gm, scalar_t* ga) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PaddedLayout l(g);
+  const int64_t kk = g.kk(), cpg = g.channels_per_group();
+  const auto x_off = tap_offsets(g, l, false);
+  std::vector<double> part_mul(gm ? g.B * g.C * kk : 0), part_add(ga ? g.B * g.C * kk : 0);
+  at::parallel_for(0, g.B * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> hp(gm ? kk * l.plane : 0), gop(l.plane), xp(l.plane);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / g.G, grp = bg % g.G;
+      if (gm)
+        for (int64_t t = 0; t < kk; ++t) pad_plane(h + (bg * kk + t) * g.H * g.W, g, l, hp.data() + t * l.plane);
+      for (int64_t c = grp * cpg; c < (grp + 1) * cpg; ++c) {
+        const int64_t bc = b * g.C + c;
+        pad_plane(go + bc * g.H * g.W, g, l, gop.data());
+        pad_plane(x + bc * g.H * g.W, g, l, xp.data());
+        const acc_t* go_c = gop.data() + l.center();
+        for (int64_t t = 0; t < kk; ++t) {
+          if (ga) part_add[bc * kk + t] = lane_dot<acc_t>(go_c, xp.data() + x_off[t], nullptr, l.L);
+          if (gm)
+            part_mul[bc * kk + t] =
+                lane_dot<acc_t>(go_c, xp.data() + x_off[t], hp.data() + t * l.plane + l.center(), l.L);
+        }
+      }
+    }
+  });
+  const int64_t per_batch = g.C * kk;
+  for (auto [part, dst] : {std::pair{&part_mul, gm}, std::pair{&part_add, ga}}) {
+    if (!dst) continue;
+    for (int64_t k = 0; k < per_batch; ++k) {
+      if (batched) {
+        for (int64_t b = 0; b < g.B; ++b) dst[b * per_batch + k] = static_cast<scalar_t>((*part)[b * per_batch + k]);
+      } else {
+        double sum = 0;
+        for (int64_t b = 0; b < g.B; ++b) sum += (*part)[b * per_batch + k];
+        dst[k] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
 #define ELSA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -220,9 +452,14 @@ at::Tensor forward_cpu(const at::Tensor& features, const at::Tensor& h_attn,
   const auto m = contiguous_or_undefined(ghost_mul), a = contiguous_or_undefined(ghost_add);
   auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options());
   ELSA_DISPATCH(x.scalar_type(), "elsa_forward_cpu", [&] {
-    forward_impl<scalar_t>(g, x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(m),
-                           ghost_batch_stride(m, g), data_or_null<scalar_t>(a), ghost_batch_stride(a, g),
-                           out.mutable_data_ptr<scalar_t>());
+    if (g.stride == 1)
+      padded_weighted_impl<scalar_t>(g, x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                                     data_or_null<scalar_t>(m), ghost_batch_stride(m, g), data_or_null<scalar_t>(a),
+                                     ghost_batch_stride(a, g), out.mutable_data_ptr<scalar_t>(), false);
+    else
+      forward_impl<scalar_t>(g, x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(m),
+                             ghost_batch_stride(m, g), data_or_null<scalar_t>(a), ghost_batch_stride(a, g),
+                             out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -241,9 +478,14 @@ at::Tensor backward_features_cpu(const at::Tensor& grad_out, const at::Tensor& h
   if (a.defined()) check_ghost(a, g, "ghost_add");
   auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options());
   ELSA_DISPATCH(go.scalar_type(), "elsa_backward_features_cpu", [&] {
-    backward_features_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+    if (g.stride == 1)
+      padded_weighted_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
                                      data_or_null<scalar_t>(m), ghost_batch_stride(m, g), data_or_null<scalar_t>(a),
-                                     ghost_batch_stride(a, g), gx.mutable_data_ptr<scalar_t>());
+                                     ghost_batch_stride(a, g), gx.mutable_data_ptr<scalar_t>(), true);
+    else
+      backward_features_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                                       data_or_null<scalar_t>(m), ghost_batch_stride(m, g), data_or_null<scalar_t>(a),
+                                       ghost_batch_stride(a, g), gx.mutable_data_ptr<scalar_t>());
   });
   return gx;
 }
@@ -260,8 +502,12 @@ at::Tensor backward_attn_cpu(const at::Tensor& grad_out, const at::Tensor& featu
   if (m.defined()) check_ghost(m, g, "ghost_mul");
   auto gh = at::empty({g.B, g.G, g.kk(), g.Ho, g.Wo}, go.options());
   ELSA_DISPATCH(go.scalar_type(), "elsa_backward_attn_cpu", [&] {
-    backward_attn_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+    if (g.stride == 1)
+      padded_attn_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                  data_or_null<scalar_t>(m), ghost_batch_stride(m, g), gh.mutable_data_ptr<scalar_t>());
+    else
+      backward_attn_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                   data_or_null<scalar_t>(m), ghost_batch_stride(m, g), gh.mutable_data_ptr<scalar_t>());
   });
   return gh;
 }
@@ -283,10 +529,10 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_cpu(const at::Tensor& grad_out
   auto gm = need_mul ? at::empty(shape, go.options()) : at::empty({0}, go.options());
   auto ga = need_add ? at::empty(shape, go.options()) : at::empty({0}, go.options());
   ELSA_DISPATCH(go.scalar_type(), "elsa_backward_ghost_cpu", [&] {
-    backward_ghost_impl<scalar_t>(g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                  need_mul ? h.const_data_ptr<scalar_t>() : nullptr, batched,
-                                  need_mul ? gm.mutable_data_ptr<scalar_t>() : nullptr,
-                                  need_add ? ga.mutable_data_ptr<scalar_t>() : nullptr);
+    auto impl = g.stride == 1 ? padded_ghost_impl<scalar_t> : backward_ghost_impl<scalar_t>;
+    impl(g, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), need_mul ? h.const_data_ptr<scalar_t>() : nullptr,
+         batched, need_mul ? gm.mutable_data_ptr<scalar_t>() : nullptr,
+         need_add ? ga.mutable_data_ptr<scalar_t>() : nullptr);
   });
   return {gm, ga};
 }
