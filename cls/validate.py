@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint on an ImageFolder split: top-1, top-5, loss and images/s.
+
+Loads checkpoints written by train.py and the published ones of the original code (``state_dict``,
+``state_dict_ema``, ``model`` and ``module.`` prefixes are all understood).
+
+    python validate.py <DATA> --model elsa_swin_tiny --checkpoint <FILE> --no-test-pool --apex-amp --img-size 224 -b 128
+"""
+import argparse
+import csv
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm import utils
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.models import create_model
+
+import models  # noqa: F401  (registers the ELSA-Swin models)
+from data_checks import DatasetError, check_image_folder
+from models import checkpoint_filter_fn, unwrap_state_dict
+
+_logger = logging.getLogger("validate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", metavar="DIR", help="dataset root (holding --split) or the split folder itself")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--model", default="elsa_swin_tiny")
+    parser.add_argument("--checkpoint", default="", help="weights to evaluate (ours or the original's)")
+    parser.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint's classifier")
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--crop-pct", type=float, default=None)
+    parser.add_argument("--interpolation", default="")
+    parser.add_argument("--mean", type=float, nargs=3, default=None)
+    parser.add_argument("--std", type=float, nargs=3, default=None)
+    parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("-j", "--workers", type=int, default=4)
+    parser.add_argument("--no-test-pool", action="store_true",
+                        help="accepted for the original's commands: ELSA-Swin has no test-time pooling to disable")
+    parser.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp)")
+    parser.add_argument("--apex-amp", action="store_true", help="alias of --amp (NVIDIA apex is not used)")
+    parser.add_argument("--native-amp", action="store_true", help="alias of --amp")
+    parser.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--results-file", default="", help="write the metrics to this .json or .csv file")
+    return parser
+
+
+def load_weights(checkpoint: str, use_ema: bool) -> dict:
+    if not Path(checkpoint).is_file():
+        raise SystemExit(f"error: checkpoint {checkpoint} does not exist")
+    # Checkpoints hold training arguments (argparse.Namespace) besides tensors.
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if use_ema and not any(k in state for k in ("state_dict_ema", "model_ema")):
+        raise SystemExit(f"error: --use-ema, but {checkpoint} holds no EMA weights")
+    return unwrap_state_dict(state, use_ema=use_ema)
+
+
+def main(argv=None) -> dict:
+    utils.setup_default_logging()
+    args = build_parser().parse_args(argv)
+    if args.apex_amp or args.native_amp:
+        _logger.warning("--apex-amp/--native-amp: using native torch.amp (NVIDIA apex is not needed)")
+        args.amp = True
+    root = Path(args.data_dir)
+    split = args.split if (root / args.split).is_dir() else ""
+    try:
+        if split:
+            check_image_folder(args.data_dir, split)
+        else:
+            check_image_folder(str(root.parent), root.name)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    device = torch.device(args.device)
+
+    weights = load_weights(args.checkpoint, args.use_ema) if args.checkpoint else None
+    num_classes = args.num_classes
+    if num_classes is None and weights is not None:
+        head = next((weights[k] for k in ("head.fc.weight", "head.weight") if k in weights), None)
+        num_classes = head.shape[0] if head is not None else None
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    model = create_model(args.model, **kwargs)
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(checkpoint_filter_fn(weights, model), strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"error: {args.checkpoint} does not fit {args.model}: missing {missing}, unexpected {unexpected}")
+        _logger.info(f"loaded {'EMA ' if args.use_ema else ''}weights from {args.checkpoint}")
+    model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    data_config = resolve_data_config(vars(args), model=model, verbose=True)
+    dataset = create_dataset("", root=args.data_dir, split=split)
+    loader = create_loader(
+        dataset, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=False,
+        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
+        crop_pct=data_config["crop_pct"], num_workers=args.workers, device=device, use_prefetcher=False,
+    )
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+
+    loss_fn = nn.CrossEntropyLoss()
+    losses, top1, top5 = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
+    start = time.time()
+    with torch.no_grad():
+        for idx, (x, target) in enumerate(loader):
+            x, target = x.to(device), target.to(device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with amp_ctx():
+                logits = model(x)
+            logits = logits.float()
+            acc1, acc5 = utils.accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
+            losses.update(loss_fn(logits, target).item(), x.size(0))
+            top1.update(acc1.item(), x.size(0))
+            top5.update(acc5.item(), x.size(0))
+            if idx % args.log_interval == 0:
+                rate = losses.count / (time.time() - start)
+                _logger.info(f"Test: [{idx + 1:>4d}/{len(loader)}] loss {losses.avg:.4f} top-1 {top1.avg:.3f} "
+                             f"top-5 {top5.avg:.3f} {rate:.1f} img/s")
+    elapsed = time.time() - start
+    results = dict(model=args.model, checkpoint=args.checkpoint, top1=round(top1.avg, 4), top5=round(top5.avg, 4),
+                   loss=round(losses.avg, 4), img_per_sec=round(losses.count / elapsed, 2), images=losses.count,
+                   img_size=data_config["input_size"][-1])
+    _logger.info(f" * Acc@1 {results['top1']:.3f} Acc@5 {results['top5']:.3f} loss {results['loss']:.4f} "
+                 f"({results['img_per_sec']:.1f} img/s)")
+    if args.results_file:
+        path = Path(args.results_file)
+        if path.suffix == ".csv":
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(results))
+                writer.writeheader()
+                writer.writerow(results)
+        else:
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
