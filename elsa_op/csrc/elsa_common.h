@@ -90,6 +90,47 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& feature
               grad_out.sizes());
 }
 
+inline ElsaGeometry check_backward_features_args(const at::Tensor& grad_out, const at::Tensor& h_attn,
+                                                 const std::optional<at::Tensor>& ghost_mul,
+                                                 const std::optional<at::Tensor>& ghost_add, int64_t height,
+                                                 int64_t width, int64_t K, int64_t dilation, int64_t stride) {
+  TORCH_CHECK(grad_out.dim() == 4 && h_attn.dim() == 5, "elsa: bad grad_out/h_attn ranks");
+  const auto g = make_geometry(grad_out.size(0), grad_out.size(1), height, width, h_attn.size(1), K, dilation, stride);
+  check_attn(h_attn, g);
+  if (ghost_mul) check_ghost(*ghost_mul, g, "ghost_mul");
+  if (ghost_add) check_ghost(*ghost_add, g, "ghost_add");
+  return g;
+}
+
+inline ElsaGeometry check_backward_attn_args(const at::Tensor& grad_out, const at::Tensor& features,
+                                             const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t K,
+                                             int64_t dilation, int64_t stride) {
+  TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
+  const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), groups, K,
+                               dilation, stride);
+  check_grad_out(grad_out, features, g);
+  if (ghost_mul) check_ghost(*ghost_mul, g, "ghost_mul");
+  return g;
+}
+
+inline ElsaGeometry check_backward_ghost_args(const at::Tensor& grad_out, const at::Tensor& features,
+                                              const std::optional<at::Tensor>& h_attn, int64_t groups, int64_t K,
+                                              int64_t dilation, int64_t stride, bool need_mul) {
+  const auto g = check_backward_attn_args(grad_out, features, std::nullopt, groups, K, dilation, stride);
+  TORCH_CHECK(!need_mul || h_attn.has_value(), "elsa: grad_ghost_mul needs h_attn");
+  if (need_mul) check_attn(*h_attn, g);
+  return g;
+}
+
+// Gradients of the ghost kernels, shaped like them; one not asked for is an empty tensor.
+inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const ElsaGeometry& g, bool batched, bool need_mul,
+                                                            bool need_add, const at::TensorOptions& options) {
+  const std::vector<int64_t> shape = batched ? std::vector<int64_t>{g.B, g.C, g.K, g.K}
+                                             : std::vector<int64_t>{g.C, g.K, g.K};
+  return {at::empty(need_mul ? shape : std::vector<int64_t>{0}, options),
+          at::empty(need_add ? shape : std::vector<int64_t>{0}, options)};
+}
+
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t ? t->contiguous() : at::Tensor();
 }

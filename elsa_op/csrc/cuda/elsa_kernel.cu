@@ -193,15 +193,11 @@ at::Tensor backward_features_cuda(const at::Tensor& grad_out, const at::Tensor& 
                                   const std::optional<at::Tensor>& ghost_mul,
                                   const std::optional<at::Tensor>& ghost_add, int64_t height, int64_t width,
                                   int64_t kernel_size, int64_t dilation, int64_t stride) {
-  TORCH_CHECK(grad_out.dim() == 4 && h_attn.dim() == 5, "elsa: bad grad_out/h_attn ranks");
-  const auto g = make_geometry(grad_out.size(0), grad_out.size(1), height, width, h_attn.size(1), kernel_size,
-                               dilation, stride);
-  check_attn(h_attn, g);
+  const auto g = check_backward_features_args(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size,
+                                              dilation, stride);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const auto go = grad_out.contiguous(), h = h_attn.contiguous();
   const auto m = contiguous_or_undefined(ghost_mul), a = contiguous_or_undefined(ghost_add);
-  if (m.defined()) check_ghost(m, g, "ghost_mul");
-  if (a.defined()) check_ghost(a, g, "ghost_add");
   auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options());
   const int64_t n = gx.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -217,14 +213,10 @@ at::Tensor backward_features_cuda(const at::Tensor& grad_out, const at::Tensor& 
 at::Tensor backward_attn_cuda(const at::Tensor& grad_out, const at::Tensor& features,
                               const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t kernel_size,
                               int64_t dilation, int64_t stride) {
-  TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
-  const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), groups,
-                               kernel_size, dilation, stride);
-  check_grad_out(grad_out, features, g);
+  const auto g = check_backward_attn_args(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride);
   const c10::cuda::CUDAGuard guard(features.device());
   const auto go = grad_out.contiguous(), x = features.contiguous();
   const auto m = contiguous_or_undefined(ghost_mul);
-  if (m.defined()) check_ghost(m, g, "ghost_mul");
   auto gh = at::empty({g.B, g.G, g.kk(), g.Ho, g.Wo}, go.options());
   const int64_t n = gh.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -241,19 +233,13 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_cuda(const at::Tensor& grad_ou
                                                       const std::optional<at::Tensor>& h_attn, int64_t groups,
                                                       int64_t kernel_size, int64_t dilation, int64_t stride,
                                                       bool batched, bool need_mul, bool need_add) {
-  TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
-  const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), groups,
-                               kernel_size, dilation, stride);
-  check_grad_out(grad_out, features, g);
-  TORCH_CHECK(!need_mul || h_attn.has_value(), "elsa: grad_ghost_mul needs h_attn");
-  if (need_mul) check_attn(*h_attn, g);
+  const auto g =
+      check_backward_ghost_args(grad_out, features, h_attn, groups, kernel_size, dilation, stride, need_mul);
   const c10::cuda::CUDAGuard guard(features.device());
   const auto go = grad_out.contiguous(), x = features.contiguous();
   const auto h = need_mul ? h_attn->contiguous() : at::Tensor();
-  const std::vector<int64_t> shape = batched ? std::vector<int64_t>{g.B, g.C, g.K, g.K}
-                                             : std::vector<int64_t>{g.C, g.K, g.K};
-  auto gm = need_mul ? at::empty(shape, go.options()) : at::empty({0}, go.options());
-  auto ga = need_add ? at::empty(shape, go.options()) : at::empty({0}, go.options());
+  at::Tensor gm, ga;
+  std::tie(gm, ga) = empty_ghost_grads(g, batched, need_mul, need_add, go.options());
   if (!need_mul && !need_add) return {gm, ga};
   const int64_t blocks = (batched ? g.B * g.C : g.C) * g.kk();
   TORCH_CHECK(blocks < (int64_t(1) << 31), "elsa: too many ghost kernels for one launch");
