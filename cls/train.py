@@ -234,6 +234,8 @@ def main(argv=None):
     if args.dist_backend is None:
         args.dist_backend = "nccl" if args.device.startswith("cuda") else "gloo"
     device = utils.init_distributed_device(args)
+    if args.distributed and utils.is_primary(args):
+        _logger.info(f"distributed: {args.world_size} processes, backend {args.dist_backend}, device {device.type}")
     utils.random_seed(args.seed, args.rank)
     try:
         train_root = check_image_folder(args.data_dir, args.train_split)

@@ -137,7 +137,7 @@ def test_two_process_gloo_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_summary(tmp_path / "out" / "ddp" / "summary.csv")
     assert len(rows) == 1
-    assert "total 2" in r.stderr  # timm's log line of a 2-process run
+    assert "distributed: 2 processes, backend gloo" in r.stderr
 
 
 @pytest.mark.parametrize("breakage,message", [
