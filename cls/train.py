@@ -11,7 +11,6 @@ import csv
 import logging
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 import models  # noqa: F401  (registers the ELSA-Swin models)
 from data_checks import DatasetError, check_image_folder
 from models import checkpoint_filter_fn
+from precision import resolve_amp
 
 _logger = logging.getLogger("train")
 
@@ -133,11 +133,7 @@ def parse_args(argv=None):
     if known.config:
         with open(known.config) as f:
             parser.set_defaults(**yaml.safe_load(f))
-    args = parser.parse_args(argv)
-    if args.apex_amp or args.native_amp:
-        _logger.warning("--apex-amp/--native-amp: using native torch.amp (NVIDIA apex is not needed)")
-        args.amp = True
-    return args
+    return parser.parse_args(argv)
 
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_ctx, loss_scaler,
@@ -260,8 +256,7 @@ def main(argv=None):
         model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
 
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+    amp_ctx, amp_dtype = resolve_amp(args, device)
     loss_scaler = utils.NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
 
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))

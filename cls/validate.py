@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from timm.models import create_model
 import models  # noqa: F401  (registers the ELSA-Swin models)
 from data_checks import DatasetError, check_image_folder
 from models import checkpoint_filter_fn, unwrap_state_dict
+from precision import resolve_amp
 
 _logger = logging.getLogger("validate")
 
@@ -68,9 +68,6 @@ def load_weights(checkpoint: str, use_ema: bool) -> dict:
 def main(argv=None) -> dict:
     utils.setup_default_logging()
     args = build_parser().parse_args(argv)
-    if args.apex_amp or args.native_amp:
-        _logger.warning("--apex-amp/--native-amp: using native torch.amp (NVIDIA apex is not needed)")
-        args.amp = True
     root = Path(args.data_dir)
     split = args.split if (root / args.split).is_dir() else ""
     try:
@@ -106,8 +103,7 @@ def main(argv=None) -> dict:
         interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
         crop_pct=data_config["crop_pct"], num_workers=args.workers, device=device, use_prefetcher=False,
     )
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+    amp_ctx, _ = resolve_amp(args, device)
 
     loss_fn = nn.CrossEntropyLoss()
     losses, top1, top5 = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
