@@ -26,7 +26,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 import models  # noqa: F401  (registers the ELSA-Swin models)
 from data_checks import DatasetError, check_image_folder
 from models import checkpoint_filter_fn
-from precision import resolve_amp
+from inference import predict, resolve_amp
 
 _logger = logging.getLogger("train")
 
@@ -180,21 +180,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     return {"loss": loss.item()}
 
 
-@torch.no_grad()
 def evaluate(model, loader, args, device, amp_ctx):
-    model.eval()
     loss_fn = nn.CrossEntropyLoss()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1 hits, top5 hits, count
-    for x, target in loader:
-        x, target = x.to(device), target.to(device)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp_ctx():
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top1, topk = utils.accuracy(logits, target, topk=(1, k))
-        n = x.size(0)
+    for logits, target in predict(model, loader, device, amp_ctx, args.channels_last):
+        top1, topk = utils.accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
+        n = target.size(0)
         totals += torch.tensor([loss_fn(logits, target).item() * n, top1.item() * n / 100, topk.item() * n / 100, n],
                                device=device, dtype=torch.float64)
     if args.distributed:

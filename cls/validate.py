@@ -22,7 +22,7 @@ from timm.models import create_model
 import models  # noqa: F401  (registers the ELSA-Swin models)
 from data_checks import DatasetError, check_image_folder
 from models import checkpoint_filter_fn, unwrap_state_dict
-from precision import resolve_amp
+from inference import predict, resolve_amp
 
 _logger = logging.getLogger("validate")
 
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
         if missing or unexpected:
             raise SystemExit(f"error: {args.checkpoint} does not fit {args.model}: missing {missing}, unexpected {unexpected}")
         _logger.info(f"loaded {'EMA ' if args.use_ema else ''}weights from {args.checkpoint}")
-    model.to(device).eval()
+    model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(vars(args), model=model, verbose=True)
@@ -108,22 +108,16 @@ def main(argv=None) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     losses, top1, top5 = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
     start = time.time()
-    with torch.no_grad():
-        for idx, (x, target) in enumerate(loader):
-            x, target = x.to(device), target.to(device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp_ctx():
-                logits = model(x)
-            logits = logits.float()
-            acc1, acc5 = utils.accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
-            losses.update(loss_fn(logits, target).item(), x.size(0))
-            top1.update(acc1.item(), x.size(0))
-            top5.update(acc5.item(), x.size(0))
-            if idx % args.log_interval == 0:
-                rate = losses.count / (time.time() - start)
-                _logger.info(f"Test: [{idx + 1:>4d}/{len(loader)}] loss {losses.avg:.4f} top-1 {top1.avg:.3f} "
-                             f"top-5 {top5.avg:.3f} {rate:.1f} img/s")
+    for idx, (logits, target) in enumerate(predict(model, loader, device, amp_ctx, args.channels_last)):
+        acc1, acc5 = utils.accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
+        n = target.size(0)
+        losses.update(loss_fn(logits, target).item(), n)
+        top1.update(acc1.item(), n)
+        top5.update(acc5.item(), n)
+        if idx % args.log_interval == 0:
+            rate = losses.count / (time.time() - start)
+            _logger.info(f"Test: [{idx + 1:>4d}/{len(loader)}] loss {losses.avg:.4f} top-1 {top1.avg:.3f} "
+                         f"top-5 {top5.avg:.3f} {rate:.1f} img/s")
     elapsed = time.time() - start
     results = dict(model=args.model, checkpoint=args.checkpoint, top1=round(top1.avg, 4), top5=round(top5.avg, 4),
                    loss=round(losses.avg, 4), img_per_sec=round(losses.count / elapsed, 2), images=losses.count,

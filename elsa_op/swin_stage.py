@@ -52,7 +52,6 @@ class ELSASwinStage(nn.Module):
         dynamic_mask: bool = False,
     ):
         super().__init__()
-        self.dim = dim
         self.use_elsa = use_elsa
         self.input_resolution = input_resolution
         self.output_resolution = tuple((r + 1) // 2 for r in input_resolution) if downsample else input_resolution

@@ -1,7 +1,8 @@
-"""Mixed precision shared by train.py and validate.py: native torch.amp, with apex's flag as an alias."""
+"""Evaluation pieces shared by train.py and validate.py: native mixed precision (apex's flag is an
+alias) and the batched forward pass over a loader."""
 import logging
 from contextlib import nullcontext
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 
@@ -20,3 +21,17 @@ def resolve_amp(args, device: torch.device) -> Tuple[Callable, torch.dtype]:
     if not args.amp:
         return nullcontext, dtype
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, amp_ctx: Callable, channels_last: bool = False
+            ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (float32 logits, target) for each batch of ``loader``, the model in eval mode."""
+    model.eval()
+    for x, target in loader:
+        x, target = x.to(device), target.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_ctx():
+            logits = model(x)
+        yield logits.float(), target
