@@ -117,6 +117,14 @@ def test_train_lowers_loss_then_resume_then_validate(tmp_path):
     rows = read_summary(run_dir / "summary.csv")
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
 
+    # The resumed epoch follows the schedule of an uninterrupted 3-epoch run (the first two epochs above
+    # were scheduled for 2 epochs, so only the resumed one is comparable).
+    r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "3", "--output", str(out), "--experiment", "straight",
+             "--model-ema", "--model-ema-decay", "0.9", "--channels-last"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = read_summary(out / "straight" / "summary.csv")
+    assert float(straight[2]["lr"]) == float(rows[2]["lr"])
+
     results = tmp_path / "results.json"
     r = run(["validate.py", str(data), "--model", "elsa_swin_nano", "--img-size", "32", "-j", "0",
              "--checkpoint", str(run_dir / "last.pth.tar"), "--no-test-pool", "--apex-amp", "--use-ema",
@@ -161,3 +169,14 @@ def test_bad_data_is_reported(tmp_path, breakage, message):
         data = tmp_path / "missing"
     r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "--output", str(tmp_path / "o")])
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torchcompile_and_unreadable_image(tmp_path):
+    data = write_digits(tmp_path / "digits", per_class=4, val_per_class=2)
+    (data / "train" / "0" / "broken.png").write_bytes(b"not an image")
+    r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "--output", str(tmp_path / "o"),
+             "--experiment", "compiled", "--torchcompile", "aot_eager", "--grad-checkpointing"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "broken.png" in r.stderr  # skipped, and named
+    assert len(read_summary(tmp_path / "o" / "compiled" / "summary.csv")) == 1
