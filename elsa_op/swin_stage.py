@@ -3,15 +3,39 @@
 Shared by the classifier (cls/models/elsa_swin.py) and the dense backbone, so that the architecture
 is written once. Tensors are NHWC, as in timm's Swin.
 """
-from typing import List, Optional, Tuple, Type, Union
+from typing import List, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.models._manipulate import checkpoint_seq
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+import torch.nn.functional as F
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor
 
 from .layers import ELSABlock
+
+
+class PaddedWindowBlock(SwinTransformerBlock):
+    """Swin block for feature maps of any size, as in Swin's (and ELSA's) detection backbones: pad to
+    whole windows first, then shift, with the shift mask built for the padded map. timm's block shifts
+    before padding, which puts the padding elsewhere and gives other outputs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, always_partition=True, dynamic_mask=True, **kwargs)
+
+    def _attn(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        wh, ww = self.window_size
+        x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+        shifted = any(self.shift_size)
+        if shifted:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, C)
+        windows = self.attn(windows, mask=self.get_attn_mask(x) if shifted else None)
+        x = window_reverse(windows.view(-1, wh, ww, C), self.window_size, x.shape[1], x.shape[2])
+        if shifted:
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x[:, :H, :W, :].contiguous()
 
 
 class ELSASwinStage(nn.Module):
@@ -24,7 +48,8 @@ class ELSASwinStage(nn.Module):
         num_heads: attention heads.
         use_elsa: ELSA blocks if True, else Swin blocks with (shifted) window attention.
         window_size: Swin window. elsa_kernel, group_width, lam, gamma: see ELSAAttention.
-        always_partition, dynamic_mask: passed to timm's SwinTransformerBlock (dense inputs of any size).
+        dense: window-attention blocks for inputs of any size (PaddedWindowBlock), as the detection and
+            segmentation backbone needs; otherwise timm's block, whose window adapts to the input resolution.
         drop_path: one rate, or one per block.
     """
 
@@ -48,8 +73,7 @@ class ELSASwinStage(nn.Module):
         attn_drop: float = 0.0,
         drop_path: Union[List[float], float] = 0.0,
         norm_layer: Type[nn.Module] = nn.LayerNorm,
-        always_partition: bool = False,
-        dynamic_mask: bool = False,
+        dense: bool = False,
     ):
         super().__init__()
         self.use_elsa = use_elsa
@@ -66,23 +90,21 @@ class ELSASwinStage(nn.Module):
                 for i in range(depth)
             ]
         else:
+            block = PaddedWindowBlock if dense else SwinTransformerBlock
             blocks = [
-                SwinTransformerBlock(
-                    out_dim, self.output_resolution, num_heads=num_heads, window_size=window_size,
-                    shift_size=0 if i % 2 == 0 else window_size // 2, always_partition=always_partition,
-                    dynamic_mask=dynamic_mask, drop_path=rates[i], **common,
-                )
+                block(out_dim, self.output_resolution, num_heads=num_heads, window_size=window_size,
+                      shift_size=0 if i % 2 == 0 else window_size // 2, drop_path=rates[i], **common)
                 for i in range(depth)
             ]
         self.blocks = nn.Sequential(*blocks)
 
-    def set_input_size(self, feat_size: Tuple[int, int], window_size: int, always_partition: Optional[bool] = None) -> None:
+    def set_input_size(self, feat_size: Tuple[int, int], window_size: int) -> None:
         """Adapt the window-attention blocks to a new input resolution (ELSA needs nothing)."""
         self.input_resolution = feat_size
         self.output_resolution = feat_size if isinstance(self.downsample, nn.Identity) else tuple((r + 1) // 2 for r in feat_size)
         if not self.use_elsa:
             for block in self.blocks:
-                block.set_input_size(self.output_resolution, (window_size, window_size), always_partition)
+                block.set_input_size(self.output_resolution, (window_size, window_size))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)

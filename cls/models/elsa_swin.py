@@ -13,14 +13,14 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, calculate_drop_path_rates, PatchEmbed, resize_rel_pos_bias_table, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.swin_transformer import WindowAttention
 
+from elsa_op.checkpoint import map_original_names, unwrap_state_dict
 from elsa_op.swin_stage import ELSASwinStage
 
-__all__ = ["ELSASwin", "checkpoint_filter_fn"]
+__all__ = ["ELSASwin", "checkpoint_filter_fn", "unwrap_state_dict"]
 
 
 class ELSASwin(nn.Module):
@@ -193,49 +193,12 @@ class ELSASwin(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Names of the original ELSA-Swin code for the window-attention stage -> timm's.
-_WINDOW_ATTN_RENAMES = {".attn.pre_proj.": ".attn.qkv.", ".attn.post_proj.": ".attn.proj.", ".attn.rb": ".attn.relative_position_bias_table"}
-
-
-def unwrap_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model's tensors out of a training checkpoint: ``state_dict_ema``/``model_ema`` if asked and
-    present, else ``state_dict``/``model``/the dict itself, without DDP's ``module.`` prefix."""
-    keys = ("state_dict_ema", "model_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
-    for key in keys:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ELSASwin) -> Dict[str, torch.Tensor]:
     """Map a checkpoint of the original ELSA code (or of ours, unchanged) onto :class:`ELSASwin`."""
     state_dict = unwrap_state_dict(state_dict)
-    original_layout = "layers.0.downsample.reduction.weight" in state_dict
-    window_attn = {name for name, m in model.named_modules() if isinstance(m, WindowAttention)}
-    out = {}
-    for k, v in state_dict.items():
-        if k.endswith(("relative_position_index", "relative_id", "attn_mask")):
-            continue  # buffers rebuilt by the model
-        if original_layout:
-            k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
-            k = re.sub(r"^head\.", "head.fc.", k)
-            if k.split(".attn.")[0] + ".attn" in window_attn:
-                for old, new in _WINDOW_ATTN_RENAMES.items():
-                    k = k.replace(old, new)
-                if ".attn.qkv." in k:
-                    v = torch.cat(v.chunk(3)[1:] + v.chunk(3)[:1])  # the original projects to (v, q, k)
-                if k.endswith("relative_position_bias_table"):
-                    # The original stores (heads, positions) and indexes it by key - query offset; timm
-                    # stores (positions, heads) indexed by query - key, i.e. the reversed position order.
-                    v = v.t().flip(0)
-        if k.endswith("relative_position_bias_table"):
-            table = model.get_submodule(k.rsplit(".", 1)[0]).relative_position_bias_table
-            if v.shape != table.shape:
-                win = model.get_submodule(k.rsplit(".", 1)[0]).window_size
-                v = resize_rel_pos_bias_table(v, new_window_size=win, new_bias_shape=table.shape)
-        out[k] = v
-    return out
+    if "layers.0.downsample.reduction.weight" in state_dict:  # the original's layout
+        state_dict = {re.sub(r"^head\.", "head.fc.", k): v for k, v in state_dict.items()}
+    return map_original_names(state_dict, model)
 
 
 def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSASwin:

@@ -1,0 +1,7 @@
+"""The ELSA-Swin backbone for OpenMMLab (mmdetection 3.x and mmsegmentation 1.x).
+
+Written once here; det/elsa_det and seg/elsa_seg register it in their MODELS registries.
+"""
+from .backbone import ELSASwin
+
+__all__ = ["ELSASwin"]

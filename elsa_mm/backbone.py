@@ -1,0 +1,145 @@
+"""ELSA-Swin dense backbone: four NCHW feature maps, each with its own LayerNorm, for inputs of any size."""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
+
+from elsa_op.checkpoint import map_original_names, unwrap_state_dict
+from elsa_op.swin_stage import ELSASwinStage
+
+
+class ELSASwin(BaseModule):
+    """ELSA-Swin backbone (ELSA in stages 1-3, shifted-window attention in stage 4).
+
+    Args:
+        pretrain_img_size: image size of the classification pre-training (sets the stages' nominal
+            resolution; inputs of any size work, padded inside to the patch and window sizes).
+        patch_size, in_channels, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias: as in Swin.
+        drop_rate, attn_drop_rate, drop_path_rate: dropout rates and stochastic depth. Default drop path: 0.2.
+        elsa_kernel, group_width, lam, gamma: the ELSA layers (see elsa_op.layers.ELSAAttention).
+        out_indices: stages whose outputs are returned, each after its own LayerNorm ``norm{i}``.
+        frozen_stages: freeze the patch embedding (>= 0) and the first ``frozen_stages`` stages with
+            their norms; -1 freezes nothing.
+        use_checkpoint: gradient checkpointing of every stage.
+        pretrained: path of a classification checkpoint (deprecated form of ``init_cfg``).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads a classification checkpoint, ours or
+            the original's (also with a ``backbone.`` prefix), and logs missing and unexpected keys.
+    """
+
+    def __init__(
+        self,
+        pretrain_img_size: int = 224,
+        patch_size: int = 4,
+        in_channels: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        elsa_kernel: int = 7,
+        group_width: int = 8,
+        lam: float = 0.0,
+        gamma: float = 1.0,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        frozen_stages: int = -1,
+        use_checkpoint: bool = False,
+        pretrained: Optional[str] = None,
+        init_cfg: Optional[dict] = None,
+    ):
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError("give either pretrained or init_cfg, not both")
+            init_cfg = dict(type="Pretrained", checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        num_stages = len(depths)
+        if not all(0 <= i < num_stages for i in out_indices):
+            raise ValueError(f"out_indices {tuple(out_indices)} must lie in [0, {num_stages})")
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f"frozen_stages must lie in [-1, {num_stages}], got {frozen_stages}")
+        self.out_indices = tuple(out_indices)
+        self.frozen_stages = frozen_stages
+        self.num_features = [embed_dim * 2**i for i in range(num_stages)]
+
+        self.patch_embed = PatchEmbed(
+            img_size=pretrain_img_size, patch_size=patch_size, in_chans=in_channels, embed_dim=embed_dim,
+            norm_layer=nn.LayerNorm, strict_img_size=False, dynamic_img_pad=True, output_fmt="NHWC",
+        )
+        self.pos_drop = nn.Dropout(drop_rate)
+        grid = self.patch_embed.grid_size
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        self.layers = nn.Sequential(*[
+            ELSASwinStage(
+                dim=self.num_features[max(i - 1, 0)], out_dim=self.num_features[i],
+                input_resolution=(-(-grid[0] // 2 ** max(i - 1, 0)), -(-grid[1] // 2 ** max(i - 1, 0))),
+                depth=depths[i], downsample=i > 0, num_heads=num_heads[i], use_elsa=i < num_stages - 1,
+                window_size=window_size, elsa_kernel=elsa_kernel, group_width=group_width, lam=lam, gamma=gamma,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], dense=True,
+            )
+            for i in range(num_stages)
+        ])
+        for stage in self.layers:
+            stage.grad_checkpointing = use_checkpoint
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        self.apply(self._init_linear)
+        self._freeze_stages()
+
+    @staticmethod
+    def _init_linear(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s pretrained classification checkpoint; other init is done at construction."""
+        if not (self.init_cfg and self.init_cfg.get("type") == "Pretrained"):
+            return
+        self.load_pretrained(self.init_cfg["checkpoint"])
+
+    def load_pretrained(self, path: str) -> None:
+        # Checkpoints hold more than tensors (training args; numpy scalars in mmengine's).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state_dict = unwrap_state_dict(checkpoint)
+        if any(k.startswith("backbone.") for k in state_dict):  # a detector's or segmentor's checkpoint
+            state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        # The classifier's final norm and head have no place in the backbone.
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "norm."))}
+        missing, unexpected = self.load_state_dict(map_original_names(state_dict, self), strict=False)
+        print_log(f"loaded {path}: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}",
+                  logger="current")
+
+    def _freeze_stages(self) -> None:
+        frozen = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.patch_embed)
+        for i in range(max(self.frozen_stages, 0)):
+            frozen.append(self.layers[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f"norm{i}"))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> "ELSASwin":
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)
