@@ -18,13 +18,18 @@ setup() {
     log "creating $VENV"
     "$(command -v python3.11 || command -v python3)" -m venv "$VENV"
   fi
-  local want have
-  want=$(cat requirements.txt | sha256sum | cut -d' ' -f1)
+  local want have wheels
+  want=$(cat requirements.txt requirements-mm.txt tools/build_mmcv_wheel.sh | sha256sum | cut -d' ' -f1)
   have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
   if [ "$want" != "$have" ]; then
     log "installing requirements.txt (torch is several GB the first time)"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q -r requirements.txt
+    # mmcv has no wheel on PyPI: build one once into a cache shared by every checkout on this machine.
+    wheels=${ELSA_WHEEL_CACHE:-$HOME/.cache/elsa/wheels}
+    bash tools/build_mmcv_wheel.sh "$PY" "$wheels"
+    log "installing requirements-mm.txt"
+    "$PY" -m pip install -q --find-links "$wheels" --only-binary mmcv -r requirements-mm.txt
     echo "$want" > "$VENV/.requirements.sha256"
   fi
   # Incremental: only sources newer than the built library are compiled again.

@@ -3,5 +3,8 @@
 Written once here; det/elsa_det and seg/elsa_seg register it in their MODELS registries.
 """
 from .backbone import ELSASwin
+from .compat import allow_mmengine_checkpoints
 
-__all__ = ["ELSASwin"]
+allow_mmengine_checkpoints()
+
+__all__ = ["ELSASwin", "allow_mmengine_checkpoints"]

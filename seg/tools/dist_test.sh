@@ -1,0 +1,1 @@
+../../det/tools/dist_test.sh

@@ -1,0 +1,1 @@
+../../det/tools/dist_train.sh

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""Evaluate a segmentor: python tools/test.py CONFIG CHECKPOINT [--aug-test] --eval mIoU"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from elsa_mm.tools import add_plugin_path, load_config, test, test_parser  # noqa: E402
+
+METRICS = ("mIoU", "mDice", "mFscore")
+
+
+def add_aug_test(parser):
+    parser.add_argument("--aug-test", action="store_true",
+                        help="multi-scale (0.5-1.75) + flip test-time augmentation, the config's tta_pipeline")
+
+
+if __name__ == "__main__":
+    add_plugin_path(__file__)
+    args = test_parser(f"metrics to compute, any of {', '.join(METRICS)} (default: the config's)", add_aug_test).parse_args()
+    cfg = load_config(args)
+    if args.eval:
+        unknown = sorted(set(args.eval) - set(METRICS))
+        if unknown:
+            raise SystemExit(f"error: --eval {' '.join(unknown)}: the IoU evaluator knows {', '.join(METRICS)}")
+        cfg.test_evaluator.iou_metrics = list(args.eval)
+    if args.aug_test:
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    test(cfg, args)

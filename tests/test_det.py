@@ -1,0 +1,161 @@
+"""det: the ELSA-Swin backbone in mmdetection, the eight configs, and train -> test -> resume runs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+mmdet = pytest.importorskip("mmdet")
+
+from conftest import DATA  # noqa: E402
+from mm_data import CLASSES, write_coco  # noqa: E402
+from mm_helpers import REPO, falling, losses, run_tool  # noqa: E402
+
+CONFIGS = sorted((REPO / "det" / "configs" / "elsa_swin").glob("*.py"))
+
+
+def test_dense_parity_with_original():
+    from elsa_mm import ELSASwin
+    from elsa_op.checkpoint import map_original_names
+
+    ref = torch.load(DATA / "elsa_swin_dense_narrow.pt", weights_only=False)
+    model = ELSASwin(**ref["config"]).eval()
+    model.load_state_dict(map_original_names(ref["state_dict"], model), strict=True)
+    with torch.no_grad():
+        feats = model(ref["input"])
+    for got, want in zip(feats, ref["features"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_dense_manifest_maps_onto_backbone(size):
+    from elsa_mm import ELSASwin
+    from elsa_op.checkpoint import map_original_names
+
+    manifest = json.loads((DATA / "dense_backbone_state_dict_manifest.json").read_text())[size]
+    with torch.device("meta"):
+        model = ELSASwin(**manifest["config"])
+        published = {k: torch.empty(s) for k, s in manifest["state_dict"].items()}
+    mapped = map_original_names(published, model)
+    ours = model.state_dict()
+    assert sorted(mapped) == sorted(ours)
+    assert all(mapped[k].shape == ours[k].shape for k in ours)
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+
+
+def test_backbone_loads_classification_checkpoints(tmp_path, capsys):
+    """Our classifier's checkpoint and the original's both load into the backbone through init_cfg."""
+    import sys
+
+    from elsa_mm import ELSASwin
+
+    sys.path.insert(0, str(REPO / "cls"))
+    import timm
+    import models  # noqa: F401
+
+    ref = torch.load(DATA / "elsa_swin_cls_narrow.pt", weights_only=False)
+    cfg = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4)
+    classifier = timm.create_model("elsa_swin_nano", num_classes=10)
+    for name, state in [("original.pth", {"model": ref["state_dict"]}), ("ours.pth", {"state_dict": classifier.state_dict()})]:
+        torch.save(state, tmp_path / name)
+        backbone = ELSASwin(**cfg, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / name)))
+        backbone.init_weights()
+        source = ref["state_dict"]["patch_embed.proj.weight"] if name == "original.pth" else classifier.patch_embed.proj.weight
+        torch.testing.assert_close(backbone.patch_embed.proj.weight, source)
+    # every backbone weight but the per-output norms came from the checkpoint, nothing was left over
+    norms = [f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+    assert capsys.readouterr().out.count(f"missing keys {norms}; unexpected keys none") == 2
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds(config):
+    from mmengine.config import Config
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    import sys
+
+    sys.path.insert(0, str(REPO / "det"))
+    register_all_modules()
+    cfg = Config.fromfile(str(config))
+    assert cfg.model.backbone.type == "ELSASwin"
+    assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 1e-4
+    with torch.device("meta"):
+        model = MODELS.build(cfg.model)
+    n = sum(p.numel() for p in model.backbone.parameters())
+    assert n > 27e6
+
+
+SMALL = """
+_base_ = '{config}'
+data_root = '{data}/'
+metainfo = dict(classes={classes})
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
+    data_root=data_root, ann_file='train.json', data_prefix=dict(img='images/'), metainfo=metainfo,
+    pipeline=train_pipeline))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, dataset=dict(
+    data_root=data_root, ann_file='val.json', data_prefix=dict(img='images/'), metainfo=metainfo,
+    pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'val.json')
+test_evaluator = val_evaluator
+model = dict(backbone=dict(drop_path_rate=0.0), test_cfg=dict(rcnn=dict(score_thr=0.0)))  # report mAP even when unsure
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=2e-4))
+train_cfg = dict(max_epochs={epochs}, val_interval=100)
+param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)]
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
+"""
+
+
+def small_config(tmp_path: Path, name: str, epochs: int) -> Path:
+    data = write_coco(tmp_path / "coco")
+    path = tmp_path / f"small_{name}"
+    path.write_text(SMALL.format(config=REPO / "det" / "configs" / "elsa_swin" / name, data=data,
+                                 classes=CLASSES, epochs=epochs))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py",
+                                  "cascade-mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"])
+def test_train_then_test_then_resume(tmp_path, name):
+    config = small_config(tmp_path, name, epochs=3)
+    work = tmp_path / "work"
+    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(work)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    values = losses(work)
+    assert len(values) == 12 and falling(values), values
+    ckpt = work / "epoch_3.pth"
+    r = run_tool("det", ["tools/test.py", str(config), str(ckpt), "--eval", "bbox", "segm", "--work-dir", str(work)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = r.stdout + r.stderr
+    assert "coco/bbox_mAP" in out and "coco/segm_mAP" in out
+    # resume from epoch 2 and run the last epoch again (the checkpoint holds numpy scalars)
+    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "resumed"),
+                         "--resume", str(work / "epoch_2.pth")])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed epoch: 2" in (r.stdout + r.stderr).lower() or (tmp_path / "resumed" / "epoch_3.pth").exists()
+
+
+def test_bad_inputs(tmp_path):
+    r = run_tool("det", ["tools/train.py", str(tmp_path / "nope.py")])
+    assert r.returncode != 0 and "config file" in r.stderr and "does not exist" in r.stderr
+    config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
+    (tmp_path / "coco" / "train.json").unlink()
+    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w")])
+    assert r.returncode != 0 and "train.json" in r.stderr
+    r = run_tool("det", ["tools/test.py", str(config), str(tmp_path / "missing.pth"), "--eval", "bbox"])
+    assert r.returncode != 0 and "missing.pth does not exist" in r.stderr
