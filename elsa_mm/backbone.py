@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.layers import PatchEmbed, calculate_drop_path_rates
 
 from elsa_op.checkpoint import map_original_names, unwrap_state_dict
-from elsa_op.swin_stage import ELSASwinStage
+from elsa_op.swin_stage import ELSASwinStage, init_linear
 
 
 class ELSASwin(BaseModule):
@@ -89,15 +89,8 @@ class ELSASwin(BaseModule):
             stage.grad_checkpointing = use_checkpoint
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
-        self.apply(self._init_linear)
+        self.apply(init_linear)
         self._freeze_stages()
-
-    @staticmethod
-    def _init_linear(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s pretrained classification checkpoint; other init is done at construction."""
@@ -105,7 +98,8 @@ class ELSASwin(BaseModule):
             return
         self.load_pretrained(self.init_cfg["checkpoint"])
 
-    def load_pretrained(self, path: str) -> None:
+    def load_pretrained(self, path: str):
+        """Load a classification checkpoint; returns (missing keys, unexpected keys), which are also logged."""
         # Checkpoints hold more than tensors (training args; numpy scalars in mmengine's).
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         state_dict = unwrap_state_dict(checkpoint)
@@ -116,6 +110,7 @@ class ELSASwin(BaseModule):
         missing, unexpected = self.load_state_dict(map_original_names(state_dict, self), strict=False)
         print_log(f"loaded {path}: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}",
                   logger="current")
+        return missing, unexpected
 
     def _freeze_stages(self) -> None:
         frozen = []

@@ -39,6 +39,14 @@ def test_parser(eval_help: str, extra: Optional[Callable[[argparse.ArgumentParse
     return parser
 
 
+def check_metrics(requested, known) -> list:
+    """--eval's metric names, refused with a clear message when the evaluator does not know one."""
+    unknown = sorted(set(requested) - set(known))
+    if unknown:
+        raise SystemExit(f"error: --eval {' '.join(unknown)}: the evaluator knows {', '.join(known)}")
+    return list(requested)
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """Config with --cfg-options merged, the work dir set, and the original's ``model.pretrained`` turned
     into the backbone's ``init_cfg``. Errors name the file that is missing."""

@@ -7,12 +7,21 @@ from typing import List, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor
 
 from .layers import ELSABlock
+
+
+def init_linear(m: nn.Module) -> None:
+    """Swin's init of linear layers (truncated normal, zero bias); use with ``module.apply``."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 class PaddedWindowBlock(SwinTransformerBlock):

@@ -109,8 +109,8 @@ def test_train_then_test_with_and_without_tta_then_resume(tmp_path):
 
 def test_bad_inputs(tmp_path):
     config = small_config(tmp_path)
-    r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mAP"])
-    assert r.returncode != 0 and "does not exist" in r.stderr
+    r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mIoU"])
+    assert r.returncode != 0 and "x.pth does not exist" in r.stderr
     torch.save({}, tmp_path / "x.pth")
     r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mAP"])
     assert r.returncode != 0 and "--eval mAP" in r.stderr

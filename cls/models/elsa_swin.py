@@ -13,12 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from elsa_op.checkpoint import map_original_names, unwrap_state_dict
-from elsa_op.swin_stage import ELSASwinStage
+from elsa_op.swin_stage import ELSASwinStage, init_linear
 
 __all__ = ["ELSASwin", "checkpoint_filter_fn", "unwrap_state_dict"]
 
@@ -96,17 +96,10 @@ class ELSASwin(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
-        self.apply(self._init_weights)
+        self.apply(init_linear)
         for m in self.modules():
             if hasattr(m, "reset_ghost_head"):
                 m.reset_ghost_head()
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the window-attention masks for another input size (e.g. fine-tuning at 384)."""

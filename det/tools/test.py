@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from elsa_mm.tools import add_plugin_path, load_config, test, test_parser  # noqa: E402
+from elsa_mm.tools import add_plugin_path, check_metrics, load_config, test, test_parser  # noqa: E402
 
 METRICS = ("bbox", "segm", "proposal")
 
@@ -13,8 +13,5 @@ if __name__ == "__main__":
     args = test_parser(f"COCO metrics to compute, any of {', '.join(METRICS)} (default: the config's)").parse_args()
     cfg = load_config(args)
     if args.eval:
-        unknown = sorted(set(args.eval) - set(METRICS))
-        if unknown:
-            raise SystemExit(f"error: --eval {' '.join(unknown)}: the COCO evaluator knows {', '.join(METRICS)}")
-        cfg.test_evaluator.metric = list(args.eval)
+        cfg.test_evaluator.metric = check_metrics(args.eval, METRICS)
     test(cfg, args)

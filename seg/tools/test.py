@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from elsa_mm.tools import add_plugin_path, load_config, test, test_parser  # noqa: E402
+from elsa_mm.tools import add_plugin_path, check_metrics, load_config, test, test_parser  # noqa: E402
 
 METRICS = ("mIoU", "mDice", "mFscore")
 
@@ -19,10 +19,7 @@ if __name__ == "__main__":
     args = test_parser(f"metrics to compute, any of {', '.join(METRICS)} (default: the config's)", add_aug_test).parse_args()
     cfg = load_config(args)
     if args.eval:
-        unknown = sorted(set(args.eval) - set(METRICS))
-        if unknown:
-            raise SystemExit(f"error: --eval {' '.join(unknown)}: the IoU evaluator knows {', '.join(METRICS)}")
-        cfg.test_evaluator.iou_metrics = list(args.eval)
+        cfg.test_evaluator.iou_metrics = check_metrics(args.eval, METRICS)
     if args.aug_test:
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
