@@ -164,3 +164,32 @@ def test_bad_inputs(tmp_path):
     assert r.returncode != 0 and "train.json" in r.stderr
     r = run_tool("det", ["tools/test.py", str(config), str(tmp_path / "missing.pth"), "--eval", "bbox"])
     assert r.returncode != 0 and "missing.pth does not exist" in r.stderr
+
+
+def test_pretrained_option_and_frozen_stages(tmp_path):
+    import argparse
+    import sys
+
+    from elsa_mm import ELSASwin
+    from elsa_mm.tools import load_config
+
+    sys.path.insert(0, str(REPO / "det"))  # custom_imports: elsa_det
+    ckpt = tmp_path / "cls.pth"
+    torch.save({}, ckpt)
+    config = REPO / "det" / "configs" / "elsa_swin" / "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"
+    args = argparse.Namespace(config=str(config), cfg_options={"model.pretrained": str(ckpt), "model.backbone.use_checkpoint": True},
+                              launcher="none", work_dir=str(tmp_path), local_rank=0)
+    cfg = load_config(args)
+    assert "pretrained" not in cfg.model
+    assert cfg.model.backbone.init_cfg == dict(type="Pretrained", checkpoint=str(ckpt))
+    assert cfg.model.backbone.use_checkpoint is True
+
+    model = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4, frozen_stages=2,
+                     use_checkpoint=True).train()
+    frozen = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layers") else "")
+              for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"patch_embed", "layers.0", "layers.1", "norm0", "norm1"}
+    assert not model.layers[1].training and model.layers[2].training
+    feats = model(torch.randn(1, 3, 61, 93))  # any size, padded inside
+    sum(f.sum() for f in feats).backward()
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
