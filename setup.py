@@ -8,6 +8,7 @@ sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise. DEBUG=1 builds with 
 import glob
 import os
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def _set_cuda_home() -> None:
 
 _set_cuda_home()
 
+import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
@@ -50,10 +52,16 @@ def _extension():
     sources = [str(CSRC / "elsa.cpp")] + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fdiagnostics-color=always"]
+    link = ["-O0", "-g"] if debug else []
+    # at::parallel_for is inline and runs serially unless this library is itself built with OpenMP;
+    # libgomp then resolves to the copy torch has already loaded.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     kwargs = dict(
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-O0", "-g"] if debug else [],
-        depends=sorted(glob.glob(str(CSRC / "*.h"))),
+        extra_link_args=link,
+        depends=sorted(glob.glob(str(CSRC / "*.h")) + glob.glob(str(CSRC / "cpu" / "*.h"))),
     )
     if not use_cuda:
         return CppExtension("elsa_op._C", sources, **kwargs)

@@ -1,9 +1,10 @@
 """Images/s of ELSA-Swin-T against timm's Swin-T, and of ELSA-Swin-T on elsa_op against the same model
 on the original's unfold path, inference and training (forward + backward + SGD step), in one run.
 
-    python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8] [--reps 3] [--img-size 224]
+    python benchmarks/bench_models.py [--device cpu|cuda] [--batch 8] [--reps 5] [--img-size 224]
 
-Ratios are against Swin-T measured in the same run.
+Ratios are against Swin-T measured in the same run; Swin-T and ELSA-Swin-T take turns, one step each per
+round.
 """
 import argparse
 import statistics
@@ -45,11 +46,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def images_per_second(model, x, train: bool, reps: int) -> float:
-    model.train(train)
+def make_step(model, x, train: bool):
+    """One inference forward, or one training step (forward, backward, SGD)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
 
     def step():
+        model.train(train)
         if train:
             opt.zero_grad(set_to_none=True)
             model(x).float().logsumexp(-1).mean().backward()
@@ -58,42 +60,53 @@ def images_per_second(model, x, train: bool, reps: int) -> float:
             with torch.no_grad():
                 model(x)
 
-    step()  # warm-up
-    times = []
-    for _ in range(reps):
-        sync(x.device)
-        t0 = time.perf_counter()
-        step()
-        sync(x.device)
-        times.append(time.perf_counter() - t0)
-    return x.shape[0] / statistics.median(times)
+    return step
+
+
+def images_per_second(steps, contexts, x, reps: int) -> list:
+    """Median images/s of each step. The steps take turns, one timed call each per round, so that drift in
+    the machine's speed reaches all of them alike."""
+    times = [[] for _ in steps]
+    for rnd in range(reps + 1):  # round 0 warms up
+        for k, (step, ctx) in enumerate(zip(steps, contexts)):
+            with ctx() if ctx else nullcontext():
+                sync(x.device)
+                t0 = time.perf_counter()
+                step()
+                sync(x.device)
+                if rnd:
+                    times[k].append(time.perf_counter() - t0)
+    return [x.shape[0] / statistics.median(t) for t in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# images/s, batch {args.batch}, {args.img_size}x{args.img_size}, {where}, torch {torch.__version__}, median of {args.reps}")
+    print(f"# images/s, batch {args.batch}, {args.img_size}x{args.img_size}, {where}, torch {torch.__version__}, "
+          f"median of {args.reps} interleaved rounds")
     print("| model | inference img/s | training img/s | inference vs Swin-T | training vs Swin-T |")
     print("|---|---|---|---|---|")
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=args.img_size).to(device)
     elsa = timm.create_model("elsa_swin_tiny", img_size=args.img_size).to(device)
     rows = [("swin_tiny_patch4_window7_224 (timm)", swin, None), ("elsa_swin_tiny (elsa_op)", elsa, None),
             ("elsa_swin_tiny (unfold path)", elsa, unfold_path)]
-    base = None
-    for name, model, ctx in rows:
-        with ctx() if ctx else nullcontext():
-            inf = images_per_second(model, x, False, args.reps)
-            trn = images_per_second(model, x, True, args.reps)
-        base = base or (inf, trn)
-        print(f"| {name} | {inf:.1f} | {trn:.1f} | {inf / base[0]:.2f}x | {trn / base[1]:.2f}x |", flush=True)
+    # Swin-T and ELSA-Swin-T take turns; the unfold path runs on its own afterwards, because its
+    # gigabytes of temporaries would slow down whichever model runs after it.
+    inference, training = [], []
+    for part in (rows[:2], rows[2:]):
+        contexts = [ctx for _, _, ctx in part]
+        inference += images_per_second([make_step(m, x, False) for _, m, _ in part], contexts, x, args.reps)
+        training += images_per_second([make_step(m, x, True) for _, m, _ in part], contexts, x, args.reps)
+    for (name, _, _), inf, trn in zip(rows, inference, training):
+        print(f"| {name} | {inf:.1f} | {trn:.1f} | {inf / inference[0]:.2f}x | {trn / training[0]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 The shapes are ELSA-Swin-T's stages 1-3 at 224x224 (batch 8, K=7). The unfold path is what the
 original ran without its CUDA extension (and what `elsa_op.elsa_reference` computes): unfold the
 features, weight them with attention * ghost kernels expanded to the batch, sum. Both are measured in
-the same run; the ratio column is unfold / elsa_op.
+the same run; the ratio column is unfold / elsa_op. Each shape runs in both memory layouts the op
+takes: NCHW, and channels-last (NHWC memory, attention [B, H, W, heads, K*K]), which is what the
+ELSA-Swin models hand it.
 
-    python benchmarks/bench_op.py [--device cpu|cuda] [--reps 5] [--dtypes float32 ...]
+    python benchmarks/bench_op.py [--device cpu|cuda] [--reps 5] [--dtypes float32 ...] [--layouts nchw channels_last]
 
 CPU peak memory is the growth of the peak resident size (VmHWM, reset just before) during one
 forward+backward, each case in a fresh subprocess; on CUDA it is torch.cuda.max_memory_allocated above the inputs. On CUDA the table also
@@ -29,13 +31,20 @@ SHAPES = {
     "stage3": (8, 384, 12, 14, 7),
 }
 IMPLS = ("elsa_op", "unfold")
+LAYOUTS = ("nchw", "channels_last")
 
 
-def make_inputs(shape: str, device: str, dtype: torch.dtype):
+def make_inputs(shape: str, device: str, dtype: torch.dtype, layout: str):
     B, C, G, S, K = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, C, S, S, generator=g).to(device, dtype).requires_grad_()
-    h = torch.randn(B, G, K * K, S, S, generator=g).softmax(2).to(device, dtype).requires_grad_()
+    if layout == "nchw":
+        x = torch.randn(B, C, S, S, generator=g).to(device, dtype)
+        h = torch.randn(B, G, K * K, S, S, generator=g).softmax(2).to(device, dtype)
+    else:
+        x = torch.randn(B, S, S, C, generator=g).to(device, dtype).permute(0, 3, 1, 2)
+        h = torch.randn(B, S, S, G, K * K, generator=g).softmax(-1).to(device, dtype).permute(0, 3, 4, 1, 2)
+    x.requires_grad_()
+    h.requires_grad_()
     ghost_add = (0.02 * torch.randn(C, K, K, generator=g)).to(device, dtype).requires_grad_()
     return x, h, ghost_add, K
 
@@ -63,8 +72,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(impl, shape, device, dtype, reps):
-    x, h, a, K = make_inputs(shape, device, dtype)
+def time_case(impl, shape, device, dtype, layout, reps):
+    x, h, a, K = make_inputs(shape, device, dtype, layout)
     step(impl, x, h, a, K)  # warm-up
     times = []
     for _ in range(reps):
@@ -78,8 +87,8 @@ def time_case(impl, shape, device, dtype, reps):
     return statistics.median(times), compulsory_bytes(x, h, a)
 
 
-def peak_memory_cuda(impl, shape, dtype) -> int:
-    x, h, a, K = make_inputs(shape, "cuda", dtype)
+def peak_memory_cuda(impl, shape, dtype, layout) -> int:
+    x, h, a, K = make_inputs(shape, "cuda", dtype, layout)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -93,8 +102,8 @@ def _proc_status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def peak_memory_cpu_child(impl, shape, dtype) -> int:
-    x, h, a, K = make_inputs(shape, "cpu", dtype)
+def peak_memory_cpu_child(impl, shape, dtype, layout) -> int:
+    x, h, a, K = make_inputs(shape, "cpu", dtype, layout)
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident size, to the current one
         f.write("5")
     base = _proc_status_kib("VmRSS")
@@ -102,9 +111,9 @@ def peak_memory_cpu_child(impl, shape, dtype) -> int:
     return (_proc_status_kib("VmHWM") - base) * 1024
 
 
-def peak_memory_cpu(impl, shape, dtype_name) -> int:
+def peak_memory_cpu(impl, shape, dtype_name, layout) -> int:
     out = subprocess.run(
-        [sys.executable, __file__, "--child-memory", impl, shape, dtype_name],
+        [sys.executable, __file__, "--child-memory", impl, shape, dtype_name, layout],
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,44 +133,45 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 on CPU; float32 float16 bfloat16 on CUDA")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--child-memory", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--child-memory", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child_memory:
-        impl, shape, dtype_name = args.child_memory
-        print(json.dumps(peak_memory_cpu_child(impl, shape, getattr(torch, dtype_name))))
+        impl, shape, dtype_name, layout = args.child_memory
+        print(json.dumps(peak_memory_cpu_child(impl, shape, getattr(torch, dtype_name), layout)))
         return
 
     dtypes = args.dtypes or (["float32", "float16", "bfloat16"] if args.device == "cuda" else ["float32"])
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# elsa_op vs unfold, forward+backward, {where}, torch {torch.__version__}, median of {args.reps}")
     peak_bw = device_peak_bandwidth() if args.device == "cuda" else 0.0
-    header = "| shape | dtype | elsa_op ms | unfold ms | speed-up | elsa_op peak MiB | unfold peak MiB | memory ratio |"
+    header = "| shape | dtype | layout | elsa_op ms | unfold ms | speed-up | elsa_op peak MiB | unfold peak MiB | memory ratio |"
     if args.device == "cuda":
         header += " elsa_op GB/s | % of peak |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for dtype_name in dtypes:
+    cases = [(d, s, lay) for d in dtypes for s in args.shapes for lay in args.layouts]
+    for dtype_name, shape, layout in cases:
         dtype = getattr(torch, dtype_name)
-        for shape in args.shapes:
-            res = {}
-            for impl in IMPLS:
-                seconds, nbytes = time_case(impl, shape, args.device, dtype, args.reps)
-                if args.device == "cuda":
-                    mem = peak_memory_cuda(impl, shape, dtype)
-                else:
-                    mem = peak_memory_cpu(impl, shape, dtype_name)
-                res[impl] = (seconds, mem, nbytes)
-            (t_ours, m_ours, nbytes), (t_ref, m_ref, _) = res["elsa_op"], res["unfold"]
-            B, C, G, S, K = SHAPES[shape]
-            row = (
-                f"| {shape} B={B} C={C} heads={G} {S}x{S} K={K} | {dtype_name} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.1f} "
-                f"| {t_ref / t_ours:.1f}x | {m_ours / 2**20:.1f} | {m_ref / 2**20:.1f} | {m_ref / max(m_ours, 1):.1f}x |"
-            )
+        res = {}
+        for impl in IMPLS:
+            seconds, nbytes = time_case(impl, shape, args.device, dtype, layout, args.reps)
             if args.device == "cuda":
-                gbs = nbytes / t_ours / 1e9
-                row += f" {gbs:.0f} | {100 * gbs * 1e9 / peak_bw:.0f}% |" if peak_bw else f" {gbs:.0f} | n/a |"
-            print(row, flush=True)
+                mem = peak_memory_cuda(impl, shape, dtype, layout)
+            else:
+                mem = peak_memory_cpu(impl, shape, dtype_name, layout)
+            res[impl] = (seconds, mem, nbytes)
+        (t_ours, m_ours, nbytes), (t_ref, m_ref, _) = res["elsa_op"], res["unfold"]
+        B, C, G, S, K = SHAPES[shape]
+        row = (
+            f"| {shape} B={B} C={C} heads={G} {S}x{S} K={K} | {dtype_name} | {layout} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.1f} "
+            f"| {t_ref / t_ours:.1f}x | {m_ours / 2**20:.1f} | {m_ref / 2**20:.1f} | {m_ref / max(m_ours, 1):.1f}x |"
+        )
+        if args.device == "cuda":
+            gbs = nbytes / t_ours / 1e9
+            row += f" {gbs:.0f} | {100 * gbs * 1e9 / peak_bw:.0f}% |" if peak_bw else f" {gbs:.0f} | n/a |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

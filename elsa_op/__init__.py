@@ -1,4 +1,6 @@
 """ELSA: the enhanced local self-attention operator and layer (Zhou et al., arXiv 2112.12786)."""
+import torch  # noqa: F401  (loads the libtorch libraries that _C links against)
+
 try:
     from . import _C  # noqa: F401  (registers the elsa_op::* operators)
 except ImportError as e:  # pragma: no cover - depends on the build

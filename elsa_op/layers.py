@@ -107,9 +107,13 @@ class ELSAAttention(nn.Module):
         """x: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
         B, H, W, C = x.shape
         K = self.kernel_size
+        # NHWC memory throughout, seen as NCHW: the convolutions run channels-last, the softmax runs over
+        # the last dimension, and elsa_function reads v and the attention in place and returns
+        # channels-last output that post_proj takes without a copy.
         q, k, v = self.pre_proj(x.permute(0, 3, 1, 2)).split((self.dim_qk, self.dim_qk, C), dim=1)
-        attn = self.attn(q * k * self.scale).view(B, self.num_heads, K * K, H, W).softmax(dim=2)
-        attn = self.attn_drop(attn)
+        qk = q * k if self.scale == 1 else q * k * self.scale
+        logits = self.attn(qk).permute(0, 2, 3, 1).reshape(B, H, W, self.num_heads, K * K)
+        attn = self.attn_drop(logits.softmax(dim=-1)).permute(0, 3, 4, 1, 2)
         ghost_mul, ghost_add = self._ghost_kernels()
         x = elsa_function(v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation)
         x = self.post_proj(x.permute(0, 2, 3, 1))

@@ -64,22 +64,35 @@ def _out_size(size, stride: int):
     return (size - 1) // stride + 1
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    """The layout rule of the kernels (elsa_common.h): unit channel stride means channels-last."""
+    return t.dim() == 4 and t.shape[1] > 1 and t.stride(1) == 1
+
+
+def _empty_like_layout(ref: Tensor, shape, channels_last: bool) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=fmt)
+
+
 @torch.library.register_fake("elsa_op::elsa_forward")
 def _elsa_forward_fake(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride):
     B, C, H, W = features.shape
-    return features.new_empty((B, C, _out_size(H, stride), _out_size(W, stride)))
+    return _empty_like_layout(features, (B, C, _out_size(H, stride), _out_size(W, stride)), _is_channels_last(features))
 
 
 @torch.library.register_fake("elsa_op::elsa_backward_features")
 def _elsa_backward_features_fake(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size, dilation, stride):
     B, C = grad_out.shape[:2]
-    return grad_out.new_empty((B, C, height, width))
+    return _empty_like_layout(grad_out, (B, C, height, width), _is_channels_last(grad_out))
 
 
 @torch.library.register_fake("elsa_op::elsa_backward_attn")
 def _elsa_backward_attn_fake(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride):
     B, C, H, W = features.shape
-    return grad_out.new_empty((B, groups, kernel_size * kernel_size, _out_size(H, stride), _out_size(W, stride)))
+    Ho, Wo, KK = _out_size(H, stride), _out_size(W, stride), kernel_size * kernel_size
+    if _is_channels_last(features):
+        return grad_out.new_empty((B, Ho, Wo, groups, KK)).permute(0, 3, 4, 1, 2)
+    return grad_out.new_empty((B, groups, KK, Ho, Wo))
 
 
 @torch.library.register_fake("elsa_op::elsa_backward_ghost")
@@ -94,6 +107,7 @@ def _setup_context(ctx, inputs, output):
     need_x, need_h, need_m, need_a = ctx.needs_input_grad[:4]
     ctx.geometry = (features.shape[2], features.shape[3], h_attn.shape[1], kernel_size, dilation, stride)
     ctx.ghost_batched = tuple(t is not None and t.dim() == 4 for t in (ghost_mul, ghost_add))
+    ctx.channels_last = _is_channels_last(features)
     # Keep only what the requested gradients read.
     ctx.save_for_backward(
         features if (need_h or need_m or need_a) else None,
@@ -107,7 +121,11 @@ def _backward(ctx, grad_out):
     features, h_attn, ghost_mul, ghost_add = ctx.saved_tensors
     H, W, G, K, d, s = ctx.geometry
     need_x, need_h, need_m, need_a = ctx.needs_input_grad[:4]
-    grad_out = grad_out.contiguous()
+    # The layout the forward pass used; a channels-last model's grad_out already has it.
+    if ctx.channels_last:
+        grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous(memory_format=torch.channels_last)
+    else:
+        grad_out = grad_out.contiguous()
     gx = gh = gm = ga = None
     if need_x:
         gx = _ops.elsa_backward_features(grad_out, h_attn, ghost_mul, ghost_add, H, W, K, d, s)

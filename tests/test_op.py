@@ -1,5 +1,9 @@
 """elsa_op: parity with the original, gradcheck against the reference, opcheck, compile, bad input."""
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,12 +136,162 @@ def test_backward_is_deterministic():
         assert torch.equal(g1, g2)
 
 
+# ---- channels-last layout -------------------------------------------------------------------
+def channels_last(x, h):
+    """The same values in the layout a channels-last model produces: NHWC features, [B, H, W, G, K*K] attention."""
+    h5 = h if h.dim() == 5 else h.unsqueeze(1)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(x.requires_grad)
+    h_cl = h5.detach().permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2).requires_grad_(h.requires_grad)
+    return x_cl, h_cl
+
+
+# (B, C, H, W, G, K, dilation, stride, ghost): vector blocks and scalar tails of the channel loop (37 and
+# 45 channels per group), windows wider than the image, pairs of interior pixels, strides and dilations.
+CL_CASES = [
+    (2, 64, 12, 13, 2, 7, 1, 1, "broadcast"),
+    (2, 37, 9, 11, 1, 3, 1, 1, "batched"),
+    (1, 90, 10, 16, 2, 5, 2, 1, None),
+    (2, 12, 11, 9, 3, 3, 1, 2, "broadcast"),
+    (2, 10, 13, 7, 5, 5, 1, 3, "batched"),
+    (1, 6, 3, 2, 2, 7, 1, 1, "broadcast"),
+    (2, 24, 8, 8, 3, 3, 3, 2, None),
+]
+
+
+@pytest.mark.parametrize("B,C,H,W,G,K,dilation,stride,ghost", CL_CASES)
+def test_channels_last_matches_reference(B, C, H, W, G, K, dilation, stride, ghost):
+    x, h, m, a = make_inputs(B, C, H, W, G, K, stride, ghost)
+    x_cl, h_cl = channels_last(x, h)
+    kw = dict(kernel_size=K, dilation=dilation, stride=stride)
+    out = elsa_function(x_cl, h_cl, m, a, **kw)
+    ref = elsa_reference(x, h, m, a, **kw)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(ref)
+    live = [t for t in (m, a) if t is not None]
+    got = torch.autograd.grad(out, [x_cl, h_cl, *live], go)
+    want = torch.autograd.grad(ref, [x, h, *live], go)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2.view_as(g1), rtol=1e-10, atol=1e-10)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[1].permute(0, 3, 4, 1, 2).is_contiguous()  # attention gradient in the attention's layout
+
+
+@pytest.mark.parametrize("K,dilation,stride,ghost", [(3, 1, 1, "broadcast"), (5, 2, 2, "batched"), (3, 1, 1, None)])
+def test_channels_last_gradcheck(K, dilation, stride, ghost):
+    x, h, m, a = make_inputs(B=2, C=6, H=7, W=6, G=3, K=K, stride=stride, ghost=ghost)
+    x, h = channels_last(x, h)
+    fn = lambda *t: elsa_function(*t, kernel_size=K, dilation=dilation, stride=stride)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h, m, a), eps=1e-6, atol=1e-7)
+
+
+def test_channels_last_slices_are_read_in_place():
+    """A channel slice of an NHWC projection (how the model passes v) and low precision."""
+    x, h, m, a = make_inputs(B=2, C=8, H=9, W=10, G=2, K=5, grad=False)
+    qkv = torch.randn(2, 9, 10, 20, dtype=torch.float64).permute(0, 3, 1, 2)
+    v = qkv[:, 12:]
+    assert v.stride(1) == 1 and not v.is_contiguous(memory_format=torch.channels_last)
+    h = h.softmax(2)
+    _, h_cl = channels_last(x, h)
+    ref = elsa_reference(v, h, m, a, kernel_size=5)
+    torch.testing.assert_close(elsa_function(v, h_cl, m, a, kernel_size=5), ref)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        out = elsa_function(v.to(dtype), h_cl.to(dtype), m.to(dtype), a.to(dtype), kernel_size=5)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out.double(), ref, rtol=tol * 10, atol=tol * 10)
+
+
+_ISA_SCRIPT = """
+from elsa_op import elsa_function, elsa_reference  # first, before torch: the package loads what it needs
+import torch, sys
+sys.path.insert(0, {tests!r})
+from test_op import CL_CASES, channels_last, make_inputs
+worst = 0.0
+for B, C, H, W, G, K, d, s, ghost in CL_CASES:
+    x, h, m, a = make_inputs(B, C, H, W, G, K, s, ghost)
+    x_cl, h_cl = channels_last(x, h)
+    out = elsa_function(x_cl, h_cl, m, a, kernel_size=K, dilation=d, stride=s)
+    ref = elsa_reference(x, h, m, a, kernel_size=K, dilation=d, stride=s)
+    go = torch.randn_like(ref)
+    live = [t for t in (m, a) if t is not None]
+    for g1, g2 in zip((out, *torch.autograd.grad(out, [x_cl, h_cl, *live], go)), (ref, *torch.autograd.grad(ref, [x, h, *live], go))):
+        worst = max(worst, (g1 - g2.view_as(g1)).abs().max().item())
+print(torch.ops.elsa_op.cpu_capability(), worst)
+"""
+
+
+def test_channels_last_every_instruction_set():
+    """The baseline build (forced by ELSA_CPU_CAPABILITY=default) and the AVX2 build, where the CPU has it,
+    both match the reference."""
+    script = _ISA_SCRIPT.format(tests=str(Path(__file__).parent))
+    seen = {}
+    for forced in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ELSA_CPU_CAPABILITY"}
+        if forced:
+            env["ELSA_CPU_CAPABILITY"] = forced
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        capability, worst = out.stdout.split()
+        seen[forced] = capability
+        assert float(worst) < 1e-10, (capability, worst)
+    assert seen["default"] == "default"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2" in flags and " fma" in flags:
+        assert seen[None] == "avx2"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_results_do_not_depend_on_thread_count(layout):
+    x, h, m, a = make_inputs(B=3, C=24, H=13, W=12, G=3, K=7, dtype=torch.float32)
+    if layout == "channels_last":
+        x, h = channels_last(x, h)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = elsa_function(x, h, m, a, kernel_size=7)
+            results.append((out, *torch.autograd.grad(out, (x, h, m, a), torch.ones_like(out))))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for t1, t2 in zip(results[0], other):
+            assert torch.equal(t1, t2)
+
+
+def test_layer_hands_the_op_channels_last_memory(monkeypatch):
+    """ELSAAttention passes v and the attention to the op without copies, and its output and gradients
+    equal those of the same layer on the unfold reference."""
+    import elsa_op.layers as layers
+
+    torch.manual_seed(0)
+    layer = layers.ELSAAttention(dim=48, num_heads=2, kernel_size=5, group_width=8, lam=1.0, gamma=1.0).double()
+    x = torch.randn(2, 9, 11, 48, dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def recording(features, h_attn, *args, **kwargs):
+        seen.append((features.stride(1), h_attn.permute(0, 3, 4, 1, 2).is_contiguous()))
+        return elsa_function(features, h_attn, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "elsa_function", recording)
+    out = layer(x)
+    got = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    assert seen == [(1, True)]
+    monkeypatch.setattr(layers, "elsa_function", elsa_reference)
+    ref = layer(x)
+    want = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, ref)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2)
+
+
 # ---- torch.library integration ---------------------------------------------------------------
 @pytest.mark.parametrize("ghost,stride", [("broadcast", 1), ("batched", 2), (None, 1)])
 def test_opcheck(ghost, stride):
     x, h, m, a = make_inputs(G=3, K=3, stride=stride, ghost=ghost)
     h = h if h.dim() == 5 else h.unsqueeze(1)
     torch.library.opcheck(torch.ops.elsa_op.elsa_forward.default, (x, h, m, a, 3, 2, stride))
+    x_cl, h_cl = channels_last(x, h)  # the fake kernels give the channels-last strides the kernels do
+    torch.library.opcheck(torch.ops.elsa_op.elsa_forward.default, (x_cl, h_cl, m, a, 3, 2, stride))
 
 
 def test_torch_compile_fullgraph():

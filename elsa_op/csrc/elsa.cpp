@@ -3,6 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/nhwc_kernels.h"
+
 extern "C" {
 // Lets `import elsa_op._C` load this library, whose only job is to run the registrations below.
 PyObject* PyInit__C(void) {
@@ -26,4 +30,6 @@ TORCH_LIBRARY(elsa_op, m) {
   m.def(
       "elsa_backward_ghost(Tensor grad_out, Tensor features, Tensor? h_attn, int groups, int kernel_size, "
       "int dilation, int stride, bool batched, bool need_mul, bool need_add) -> (Tensor, Tensor)");
+  // Which build of the channels-last CPU kernels runs: "avx2" or "default" (see cpu/nhwc_kernels.h).
+  m.def("cpu_capability() -> str", [] { return std::string(elsa_op::nhwc::cpu_capability()); });
 }

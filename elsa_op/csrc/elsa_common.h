@@ -131,6 +131,16 @@ inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const ElsaGeometry& 
           at::empty(need_add ? shape : std::vector<int64_t>{0}, options)};
 }
 
+// Channels-last tensors (unit channel stride) take the channels-last kernels and get channels-last
+// results, as convolutions do; ops.py's fake kernels follow the same rule. For features and grad_out.
+inline bool is_channels_last(const at::Tensor& t) { return t.dim() == 4 && t.size(1) > 1 && t.stride(1) == 1; }
+
+// Attention gradient in the layout that a channels-last model makes its attention: [B, Ho, Wo, G, K*K]
+// in memory, seen as [B, G, K*K, Ho, Wo].
+inline at::Tensor attn_channels_last(const at::Tensor& t) {
+  return t.permute({0, 3, 4, 1, 2}).contiguous().permute({0, 3, 4, 1, 2});
+}
+
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t ? t->contiguous() : at::Tensor();
 }

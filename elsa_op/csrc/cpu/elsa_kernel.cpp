@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../elsa_common.h"
+#include "nhwc_ops.h"
 
 namespace elsa_op {
 namespace {
@@ -296,7 +297,6 @@ void weighted_tap_sum(acc_t* __restrict__ dst, int64_t len, const acc_t* __restr
 template <typename acc_t>
 void product_accumulate(acc_t* __restrict__ dst, int64_t len, const acc_t* __restrict__ go,
                         const acc_t* __restrict__ x, acc_t mul) {
-  using V = typename Vec<acc_t>::type;
   constexpr int64_t N = Vec<acc_t>::lanes;
   int64_t n0 = 0;
   for (; n0 + N <= len; n0 += N) vstore(dst + n0, vload(dst + n0) + vload(go + n0) * vload(x + n0) * mul);
@@ -448,6 +448,7 @@ at::Tensor forward_cpu(const at::Tensor& features, const at::Tensor& h_attn,
                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                        int64_t kernel_size, int64_t dilation, int64_t stride) {
   const auto g = check_forward_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride);
+  if (is_channels_last(features)) return forward_nhwc(g, features, h_attn, ghost_mul, ghost_add);
   const auto x = features.contiguous(), h = h_attn.contiguous();
   const auto m = contiguous_or_undefined(ghost_mul), a = contiguous_or_undefined(ghost_add);
   auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options());
@@ -470,6 +471,7 @@ at::Tensor backward_features_cpu(const at::Tensor& grad_out, const at::Tensor& h
                                  int64_t kernel_size, int64_t dilation, int64_t stride) {
   const auto g = check_backward_features_args(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size,
                                               dilation, stride);
+  if (is_channels_last(grad_out)) return backward_features_nhwc(g, grad_out, h_attn, ghost_mul, ghost_add);
   const auto go = grad_out.contiguous(), h = h_attn.contiguous();
   const auto m = contiguous_or_undefined(ghost_mul), a = contiguous_or_undefined(ghost_add);
   auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options());
@@ -490,6 +492,7 @@ at::Tensor backward_attn_cpu(const at::Tensor& grad_out, const at::Tensor& featu
                              const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t kernel_size,
                              int64_t dilation, int64_t stride) {
   const auto g = check_backward_attn_args(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride);
+  if (is_channels_last(features)) return backward_attn_nhwc(g, grad_out, features, ghost_mul);
   const auto go = grad_out.contiguous(), x = features.contiguous();
   const auto m = contiguous_or_undefined(ghost_mul);
   auto gh = at::empty({g.B, g.G, g.kk(), g.Ho, g.Wo}, go.options());
@@ -510,6 +513,7 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_cpu(const at::Tensor& grad_out
                                                       bool batched, bool need_mul, bool need_add) {
   const auto g =
       check_backward_ghost_args(grad_out, features, h_attn, groups, kernel_size, dilation, stride, need_mul);
+  if (is_channels_last(features)) return backward_ghost_nhwc(g, grad_out, features, h_attn, batched, need_mul, need_add);
   const auto go = grad_out.contiguous(), x = features.contiguous();
   const auto h = need_mul ? h_attn->contiguous() : at::Tensor();
   at::Tensor gm, ga;

@@ -186,7 +186,8 @@ at::Tensor forward_cuda(const at::Tensor& features, const at::Tensor& h_attn,
         ghost_batch_stride(m, g), data_or_null<scalar_t>(a), ghost_batch_stride(a, g), out.mutable_data_ptr<scalar_t>());
   });
   AT_CUDA_CHECK(cudaGetLastError());
-  return out;
+  // The kernels compute in NCHW; results take the layout that the CPU kernels and fake kernels give.
+  return is_channels_last(features) ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
 at::Tensor backward_features_cuda(const at::Tensor& grad_out, const at::Tensor& h_attn,
@@ -207,7 +208,7 @@ at::Tensor backward_features_cuda(const at::Tensor& grad_out, const at::Tensor& 
         ghost_batch_stride(m, g), data_or_null<scalar_t>(a), ghost_batch_stride(a, g), gx.mutable_data_ptr<scalar_t>());
   });
   AT_CUDA_CHECK(cudaGetLastError());
-  return gx;
+  return is_channels_last(grad_out) ? gx.contiguous(at::MemoryFormat::ChannelsLast) : gx;
 }
 
 at::Tensor backward_attn_cuda(const at::Tensor& grad_out, const at::Tensor& features,
@@ -226,7 +227,7 @@ at::Tensor backward_attn_cuda(const at::Tensor& grad_out, const at::Tensor& feat
         ghost_batch_stride(m, g), gh.mutable_data_ptr<scalar_t>());
   });
   AT_CUDA_CHECK(cudaGetLastError());
-  return gh;
+  return is_channels_last(features) ? attn_channels_last(gh) : gh;
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_ghost_cuda(const at::Tensor& grad_out, const at::Tensor& features,

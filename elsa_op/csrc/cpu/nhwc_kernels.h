@@ -1,0 +1,70 @@
+// Channels-last (NHWC) CPU kernels of the ELSA operator: the types they share and their tables.
+//
+// The kernels are written once (nhwc_kernels_impl.h) over a vector width and compiled once per
+// instruction set (nhwc_kernels_*.cpp); `nhwc_kernels<T>()` picks the widest one the CPU runs. This
+// header is plain C++ so that nothing here is compiled with another instruction set than the caller's.
+#pragma once
+
+#include <cstdint>
+
+namespace elsa_op::nhwc {
+
+// One ELSA call on channels-last data. Channels are unit-stride in every tensor; the other strides are
+// in elements: `in_*` for the input-resolution tensor (features, or their gradient), `out_*` for the
+// output-resolution one (the output, or its gradient). Attention is [B, Ho, Wo, G, K*K], contiguous.
+struct Shape {
+  int64_t B, C, H, W, G, K, dilation, stride, Ho, Wo;
+  int64_t in_b, in_h, in_w, out_b, out_h, out_w;
+
+  int64_t kk() const { return K * K; }
+  int64_t channels_per_group() const { return C / G; }
+};
+
+// Ghost kernels transposed to [K*K, C] per batch element (batch stride 0 when broadcast); null when absent.
+template <typename T>
+struct Ghost {
+  const T* mul;
+  int64_t mul_b;
+  const T* add;
+  int64_t add_b;
+};
+
+// Each kernel handles a range of rows (b * rows + row) so that callers can split the work across threads.
+template <typename T>
+struct Kernels {
+  // out[b, i, j, c] = sum_t x[b, i*s + dy_t, j*s + dx_t, c] * (mul[t, c] * h[b, i, j, g(c), t] + add[t, c]).
+  void (*forward)(const Shape&, const T* x, const T* h, Ghost<T> ghost, T* out, int64_t row0, int64_t row1);
+  // The gradient of features, gathered per input pixel; rows over B * H.
+  void (*grad_features)(const Shape&, const T* grad_out, const T* h, Ghost<T> ghost, T* grad_x, int64_t row0,
+                        int64_t row1);
+  // grad_h[b, i, j, g, t] = sum_{c in g} grad_out[b, i, j, c] * mul[t, c] * x[b, i*s + dy_t, j*s + dx_t, c],
+  // written to a contiguous [B, Ho, Wo, G, K*K] tensor; taps outside the image get 0.
+  void (*grad_attn)(const Shape&, const T* grad_out, const T* x, const T* mul, int64_t mul_b, T* grad_h,
+                    int64_t row0, int64_t row1);
+  // Adds the ghost gradients of output rows [row0, row1) of batch element b to grad_mul and grad_add
+  // ([K*K, C] each; either may be null).
+  void (*grad_ghost)(const Shape&, const T* grad_out, const T* x, const T* h, T* grad_mul, T* grad_add, int64_t b,
+                     int64_t row0, int64_t row1);
+};
+
+namespace isa_default {
+extern const Kernels<float> kernels_float;
+extern const Kernels<double> kernels_double;
+}  // namespace isa_default
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define ELSA_HAVE_AVX2_KERNELS 1
+namespace isa_avx2 {
+extern const Kernels<float> kernels_float;
+extern const Kernels<double> kernels_double;
+}  // namespace isa_avx2
+#endif
+
+// The instruction set in use: "avx2" where the CPU has AVX2 and FMA, else "default". ELSA_CPU_CAPABILITY=default
+// forces the baseline build (as ATEN_CPU_CAPABILITY does for PyTorch's kernels).
+const char* cpu_capability();
+
+template <typename T>
+const Kernels<T>& nhwc_kernels();
+
+}  // namespace elsa_op::nhwc

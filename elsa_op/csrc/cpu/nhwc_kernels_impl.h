@@ -1,0 +1,394 @@
+// Vector code of the channels-last kernels (see nhwc_kernels.h for what each computes).
+//
+// Included by nhwc_kernels_<isa>.cpp inside namespace elsa_op::nhwc::isa_<isa>, after the instruction
+// set is chosen and with ELSA_VECTOR_BYTES defined. It uses no library templates: an instantiation
+// compiled for AVX2 must never be merged by the linker with one that a baseline CPU runs.
+//
+// Channels are contiguous, so each output pixel is summed over its in-image taps with the channels of
+// one group in vector registers (blocks of four vectors, then one, then scalars). Every kernel gathers,
+// so no two threads write the same element and the results do not depend on the number of threads.
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(ELSA_VECTOR_BYTES)));
+  static constexpr int64_t lanes = ELSA_VECTOR_BYTES / sizeof(T);
+};
+
+// L is a vector type, or T itself for the scalar tail.
+template <typename L, typename T>
+inline L load(const T* p) {
+  L v;
+  __builtin_memcpy(&v, p, sizeof(L));
+  return v;
+}
+
+template <typename L, typename T>
+inline void store(T* p, const L& v) {
+  __builtin_memcpy(p, &v, sizeof(L));
+}
+
+template <typename T>
+inline T lane_sum(const typename Vec<T>::type& v) {
+  T sum = 0;
+  for (int64_t k = 0; k < Vec<T>::lanes; ++k) sum += v[k];
+  return sum;
+}
+
+// The taps of one pixel: tap index, offset of its values from the pixel's value pointer, and offset of its
+// attention value from the pixel's attention pointer (before the group's K*K offset).
+struct TapList {
+  int64_t n = 0;
+  int64_t* tap;
+  int64_t* src;
+  int64_t* attn;
+  explicit TapList(int64_t kk) : tap(new int64_t[kk]), src(new int64_t[kk]), attn(new int64_t[kk]) {}
+  ~TapList() {
+    delete[] tap;
+    delete[] src;
+    delete[] attn;
+  }
+  TapList(const TapList&) = delete;
+  TapList& operator=(const TapList&) = delete;
+
+  void push(int64_t t, int64_t src_offset, int64_t attn_offset) {
+    tap[n] = t;
+    src[n] = src_offset;
+    attn[n] = attn_offset;
+    ++n;
+  }
+};
+
+// Positions k in [0, count) with 0 <= k * stride + offset < size, as [lo, hi).
+inline void inside_range(int64_t offset, int64_t stride, int64_t size, int64_t count, int64_t& lo, int64_t& hi) {
+  lo = offset < 0 ? (-offset + stride - 1) / stride : 0;
+  const int64_t last = size - 1 - offset;
+  hi = last < 0 ? 0 : last / stride + 1;
+  if (hi > count) hi = count;
+  if (hi < lo) hi = lo;
+}
+
+// Taps of an output pixel at input position (y, x) (its window centre) whose value lies inside the image,
+// with offsets relative to that position; all K*K of them inside the image.
+inline void window_taps(const Shape& s, int64_t y, int64_t x, bool gather_from_outputs, TapList& list) {
+  const int64_t r = s.K / 2, kk = s.kk();
+  list.n = 0;
+  for (int64_t p = 0; p < s.K; ++p) {
+    const int64_t dy = (p - r) * s.dilation;
+    for (int64_t q = 0; q < s.K; ++q) {
+      const int64_t dx = (q - r) * s.dilation, t = p * s.K + q;
+      if (!gather_from_outputs) {
+        if (y + dy < 0 || y + dy >= s.H || x + dx < 0 || x + dx >= s.W) continue;
+        list.push(t, dy * s.in_h + dx * s.in_w, t);
+      } else {
+        // Unit stride: input pixel (y, x) is reached from output pixel (y - dy, x - dx) through tap t.
+        if (y - dy < 0 || y - dy >= s.Ho || x - dx < 0 || x - dx >= s.Wo) continue;
+        list.push(t, -(dy * s.out_h + dx * s.out_w), t - (dy * s.Wo + dx) * s.G * kk);
+      }
+    }
+  }
+}
+
+// acc[px] = sum_k v[px][src_k + c..] * (mul[t_k, c..] * attn[px][attn_k + hg] + add[t_k, c..]) for NP pixels
+// and NV blocks of L; the ghost values are loaded once for all NP pixels.
+template <typename T, typename L, int NV, int NP, bool kMul, bool kAdd>
+inline void weighted_block(T* const* dst, const T* const* v, const T* const* attn, int64_t c, const TapList& taps,
+                           int64_t hg, const T* mul, const T* add, int64_t C) {
+  constexpr int64_t N = sizeof(L) / sizeof(T);
+  L acc[NP][NV];
+  for (int px = 0; px < NP; ++px)
+    for (int u = 0; u < NV; ++u) acc[px][u] = L{};
+  for (int64_t k = 0; k < taps.n; ++k) {
+    const int64_t t = taps.tap[k], so = taps.src[k] + c, ao = taps.attn[k] + hg;
+    L mv[NV], av[NV];
+    for (int u = 0; u < NV; ++u) {
+      if constexpr (kMul) mv[u] = load<L>(mul + t * C + c + u * N);
+      if constexpr (kAdd) av[u] = load<L>(add + t * C + c + u * N);
+    }
+    for (int px = 0; px < NP; ++px) {
+      const T hv = attn[px][ao];
+      for (int u = 0; u < NV; ++u) {
+        L w;
+        if constexpr (kMul)
+          w = mv[u] * hv;
+        else
+          w = L{} + hv;
+        if constexpr (kAdd) w += av[u];
+        acc[px][u] += load<L>(v[px] + so + u * N) * w;
+      }
+    }
+  }
+  for (int px = 0; px < NP; ++px)
+    for (int u = 0; u < NV; ++u) store(dst[px] + c + u * N, acc[px][u]);
+}
+
+// NP pixels of forward or grad-features that share one tap list: every group's channels.
+template <typename T, int NP, bool kMul, bool kAdd>
+inline void weighted_pixels(const Shape& s, T* const* dst, const T* const* v, const T* const* attn,
+                            const TapList& taps, const T* mul, const T* add) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t N = Vec<T>::lanes;
+  const int64_t cpg = s.channels_per_group();
+  for (int64_t g = 0; g < s.G; ++g) {
+    const int64_t c1 = (g + 1) * cpg, hg = g * s.kk();
+    int64_t c = g * cpg;
+    for (; c + 4 * N <= c1; c += 4 * N)
+      weighted_block<T, V, 4, NP, kMul, kAdd>(dst, v, attn, c, taps, hg, mul, add, s.C);
+    for (; c + N <= c1; c += N) weighted_block<T, V, 1, NP, kMul, kAdd>(dst, v, attn, c, taps, hg, mul, add, s.C);
+    for (; c < c1; ++c) weighted_block<T, T, 1, NP, kMul, kAdd>(dst, v, attn, c, taps, hg, mul, add, s.C);
+  }
+}
+
+// Forward and unit-stride grad-features: one pass over rows of pixels whose windows are described
+// relative to the pixel, two pixels at a time where both windows lie inside the image.
+//   forward:   pixel (i, j) reads x around (i*s, j*s) and its own attention;
+//   grad_x:    pixel (y, x) reads grad_out and attention of the output pixels whose windows cover it.
+template <typename T, bool kMul, bool kAdd>
+void weighted_rows(const Shape& s, bool grad_x, const T* v, const T* h, Ghost<T> ghost, T* out, int64_t row0,
+                   int64_t row1) {
+  const int64_t kk = s.kk(), reach = (s.K / 2) * s.dilation;
+  const int64_t rows = grad_x ? s.H : s.Ho, cols = grad_x ? s.W : s.Wo, step = grad_x ? 1 : s.stride;
+  // Output pixels whose whole window is inside the image, per axis.
+  const int64_t limit_h = grad_x ? s.Ho : s.H, limit_w = grad_x ? s.Wo : s.W;
+  auto inside = [&](int64_t k, int64_t limit) { return k * step - reach >= 0 && k * step + reach < limit; };
+  TapList full(kk), part(kk);
+  window_taps(s, reach, reach, grad_x, full);  // a pixel far enough from every border
+  // Pointers of pixel (b, i, j): its destination, its values and its attention.
+  const int64_t v_b = grad_x ? s.out_b : s.in_b, v_h = grad_x ? s.out_h : s.in_h, v_w = grad_x ? s.out_w : s.in_w;
+  const int64_t d_b = grad_x ? s.in_b : s.out_b, d_h = grad_x ? s.in_h : s.out_h, d_w = grad_x ? s.in_w : s.out_w;
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t b = row / rows, i = row % rows;
+    const T* mul = kMul ? ghost.mul + b * ghost.mul_b : nullptr;
+    const T* add = kAdd ? ghost.add + b * ghost.add_b : nullptr;
+    const bool row_inside = inside(i, limit_h);
+    auto pointers = [&](int64_t j, T*& d, const T*& vp, const T*& hp) {
+      d = out + b * d_b + i * d_h + j * d_w;
+      vp = v + b * v_b + i * step * v_h + j * step * v_w;
+      hp = h + ((b * s.Ho + i) * s.Wo + j) * s.G * kk;  // unit stride for grad_x, so Ho == H
+    };
+    for (int64_t j = 0; j < cols;) {
+      if (row_inside && j + 1 < cols && inside(j, limit_w) && inside(j + 1, limit_w)) {
+        T* d[2];
+        const T *vp[2], *hp[2];
+        pointers(j, d[0], vp[0], hp[0]);
+        pointers(j + 1, d[1], vp[1], hp[1]);
+        weighted_pixels<T, 2, kMul, kAdd>(s, d, vp, hp, full, mul, add);
+        j += 2;
+        continue;
+      }
+      T* d[1];
+      const T *vp[1], *hp[1];
+      pointers(j, d[0], vp[0], hp[0]);
+      const bool all = row_inside && inside(j, limit_w);
+      if (!all) window_taps(s, i * step, j * step, grad_x, part);
+      weighted_pixels<T, 1, kMul, kAdd>(s, d, vp, hp, all ? full : part, mul, add);
+      ++j;
+    }
+  }
+}
+
+// Grad-features with stride > 1: each input pixel lists the output pixels it reaches, in absolute offsets.
+template <typename T, bool kMul, bool kAdd>
+void grad_features_strided_rows(const Shape& s, const T* go, const T* h, Ghost<T> ghost, T* gx, int64_t row0,
+                                int64_t row1) {
+  const int64_t r = s.K / 2, kk = s.kk();
+  TapList taps(kk);
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t b = row / s.H, y = row % s.H;
+    const T* mul = kMul ? ghost.mul + b * ghost.mul_b : nullptr;
+    const T* add = kAdd ? ghost.add + b * ghost.add_b : nullptr;
+    for (int64_t x = 0; x < s.W; ++x) {
+      taps.n = 0;
+      for (int64_t p = 0; p < s.K; ++p) {
+        const int64_t ty = y - (p - r) * s.dilation;
+        if (ty < 0 || ty % s.stride != 0 || ty / s.stride >= s.Ho) continue;
+        for (int64_t q = 0; q < s.K; ++q) {
+          const int64_t tx = x - (q - r) * s.dilation;
+          if (tx < 0 || tx % s.stride != 0 || tx / s.stride >= s.Wo) continue;
+          const int64_t oi = ty / s.stride, oj = tx / s.stride;
+          taps.push(p * s.K + q, oi * s.out_h + oj * s.out_w, (oi * s.Wo + oj) * s.G * kk + p * s.K + q);
+        }
+      }
+      T* d[1] = {gx + b * s.in_b + y * s.in_h + x * s.in_w};
+      const T* vp[1] = {go + b * s.out_b};
+      const T* hp[1] = {h + b * s.Ho * s.Wo * s.G * kk};
+      weighted_pixels<T, 1, kMul, kAdd>(s, d, vp, hp, taps, mul, add);
+    }
+  }
+}
+
+template <typename T, bool kMul, bool kAdd>
+void grad_features_rows_impl(const Shape& s, const T* go, const T* h, Ghost<T> ghost, T* gx, int64_t row0,
+                             int64_t row1) {
+  if (s.stride == 1)
+    weighted_rows<T, kMul, kAdd>(s, true, go, h, ghost, gx, row0, row1);
+  else
+    grad_features_strided_rows<T, kMul, kAdd>(s, go, h, ghost, gx, row0, row1);
+}
+
+template <typename T, bool kMul, bool kAdd>
+void forward_rows_impl(const Shape& s, const T* x, const T* h, Ghost<T> ghost, T* out, int64_t row0, int64_t row1) {
+  weighted_rows<T, kMul, kAdd>(s, false, x, h, ghost, out, row0, row1);
+}
+
+// sum over c in [c0, c1) of a[c] * b[c] (* w[c] with kMul).
+template <typename T, bool kMul>
+inline T channel_dot(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, int64_t c0,
+                     int64_t c1) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t N = Vec<T>::lanes;
+  V acc0{}, acc1{};
+  int64_t c = c0;
+  for (; c + 2 * N <= c1; c += 2 * N) {
+    V p0 = load<V>(a + c) * load<V>(b + c), p1 = load<V>(a + c + N) * load<V>(b + c + N);
+    if constexpr (kMul) {
+      p0 *= load<V>(w + c);
+      p1 *= load<V>(w + c + N);
+    }
+    acc0 += p0;
+    acc1 += p1;
+  }
+  for (; c + N <= c1; c += N) {
+    V p = load<V>(a + c) * load<V>(b + c);
+    if constexpr (kMul) p *= load<V>(w + c);
+    acc0 += p;
+  }
+  T sum = lane_sum<T>(acc0 + acc1);
+  for (; c < c1; ++c) sum += a[c] * b[c] * (kMul ? w[c] : T(1));
+  return sum;
+}
+
+template <typename T, bool kMul>
+void grad_attn_rows_impl(const Shape& s, const T* go, const T* x, const T* mul_all, int64_t mul_b, T* gh,
+                         int64_t row0, int64_t row1) {
+  const int64_t kk = s.kk(), cpg = s.channels_per_group(), reach = (s.K / 2) * s.dilation;
+  TapList full(kk), part(kk);
+  window_taps(s, reach, reach, false, full);
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t b = row / s.Ho, i = row % s.Ho;
+    const T* mul = kMul ? mul_all + b * mul_b : nullptr;
+    const bool row_inside = i * s.stride - reach >= 0 && i * s.stride + reach < s.H;
+    for (int64_t j = 0; j < s.Wo; ++j) {
+      const bool all = row_inside && j * s.stride - reach >= 0 && j * s.stride + reach < s.W;
+      if (!all) window_taps(s, i * s.stride, j * s.stride, false, part);
+      const TapList& taps = all ? full : part;
+      const T* g_out = go + b * s.out_b + i * s.out_h + j * s.out_w;
+      const T* x_centre = x + b * s.in_b + i * s.stride * s.in_h + j * s.stride * s.in_w;
+      T* dst = gh + ((b * s.Ho + i) * s.Wo + j) * s.G * kk;
+      if (!all)
+        for (int64_t e = 0; e < s.G * kk; ++e) dst[e] = T(0);
+      for (int64_t g = 0; g < s.G; ++g)
+        for (int64_t k = 0; k < taps.n; ++k) {
+          const int64_t t = taps.tap[k];
+          dst[g * kk + t] = channel_dot<T, kMul>(g_out, x_centre + taps.src[k], kMul ? mul + t * s.C : nullptr,
+                                                 g * cpg, (g + 1) * cpg);
+        }
+    }
+  }
+}
+
+// ghost_add[t, c..] and ghost_mul[t, c..] summed over output rows [row0, row1) of image b for one tap:
+// the sums stay in registers while the rows are swept.
+template <typename T, typename L, int NV, bool kMul, bool kAdd>
+inline void ghost_block(const Shape& s, const T* go, const T* x, const T* h, T* gm, T* ga, int64_t b, int64_t t,
+                        int64_t g, int64_t c, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t dy,
+                        int64_t dx) {
+  constexpr int64_t N = sizeof(L) / sizeof(T);
+  L am[NV], aa[NV];
+  for (int u = 0; u < NV; ++u) am[u] = aa[u] = L{};
+  const int64_t kk = s.kk();
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* go_row = go + b * s.out_b + i * s.out_h + c;
+    const T* x_row = x + b * s.in_b + (i * s.stride + dy) * s.in_h + dx * s.in_w + c;
+    const T* h_row = kMul ? h + ((b * s.Ho + i) * s.Wo) * s.G * kk + g * kk + t : nullptr;
+    for (int64_t j = j0; j < j1; ++j) {
+      const T* gp = go_row + j * s.out_w;
+      const T* xp = x_row + j * s.stride * s.in_w;
+      const T hv = kMul ? h_row[j * s.G * kk] : T(0);
+      for (int u = 0; u < NV; ++u) {
+        const L prod = load<L>(gp + u * N) * load<L>(xp + u * N);
+        if constexpr (kAdd) aa[u] += prod;
+        if constexpr (kMul) am[u] += prod * hv;
+      }
+    }
+  }
+  for (int u = 0; u < NV; ++u) {
+    if constexpr (kAdd) store(ga + t * s.C + c + u * N, load<L>(ga + t * s.C + c + u * N) + aa[u]);
+    if constexpr (kMul) store(gm + t * s.C + c + u * N, load<L>(gm + t * s.C + c + u * N) + am[u]);
+  }
+}
+
+template <typename T, bool kMul, bool kAdd>
+void grad_ghost_rows_impl(const Shape& s, const T* go, const T* x, const T* h, T* gm, T* ga, int64_t b, int64_t row0,
+                          int64_t row1) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t N = Vec<T>::lanes;
+  const int64_t r = s.K / 2, cpg = s.channels_per_group();
+  for (int64_t p = 0; p < s.K; ++p)
+    for (int64_t q = 0; q < s.K; ++q) {
+      const int64_t t = p * s.K + q, dy = (p - r) * s.dilation, dx = (q - r) * s.dilation;
+      int64_t i0, i1, j0, j1;
+      inside_range(dy, s.stride, s.H, s.Ho, i0, i1);
+      inside_range(dx, s.stride, s.W, s.Wo, j0, j1);
+      i0 = i0 > row0 ? i0 : row0;
+      i1 = i1 < row1 ? i1 : row1;
+      if (i0 >= i1 || j0 >= j1) continue;
+      for (int64_t g = 0; g < s.G; ++g) {
+        const int64_t c1 = (g + 1) * cpg;
+        int64_t c = g * cpg;
+        for (; c + 4 * N <= c1; c += 4 * N)
+          ghost_block<T, V, 4, kMul, kAdd>(s, go, x, h, gm, ga, b, t, g, c, i0, i1, j0, j1, dy, dx);
+        for (; c + N <= c1; c += N)
+          ghost_block<T, V, 1, kMul, kAdd>(s, go, x, h, gm, ga, b, t, g, c, i0, i1, j0, j1, dy, dx);
+        for (; c < c1; ++c) ghost_block<T, T, 1, kMul, kAdd>(s, go, x, h, gm, ga, b, t, g, c, i0, i1, j0, j1, dy, dx);
+      }
+    }
+}
+
+template <typename T>
+void forward_rows(const Shape& s, const T* x, const T* h, Ghost<T> ghost, T* out, int64_t row0, int64_t row1) {
+  if (ghost.mul && ghost.add)
+    forward_rows_impl<T, true, true>(s, x, h, ghost, out, row0, row1);
+  else if (ghost.mul)
+    forward_rows_impl<T, true, false>(s, x, h, ghost, out, row0, row1);
+  else if (ghost.add)
+    forward_rows_impl<T, false, true>(s, x, h, ghost, out, row0, row1);
+  else
+    forward_rows_impl<T, false, false>(s, x, h, ghost, out, row0, row1);
+}
+
+template <typename T>
+void grad_features_rows(const Shape& s, const T* go, const T* h, Ghost<T> ghost, T* gx, int64_t row0, int64_t row1) {
+  if (ghost.mul && ghost.add)
+    grad_features_rows_impl<T, true, true>(s, go, h, ghost, gx, row0, row1);
+  else if (ghost.mul)
+    grad_features_rows_impl<T, true, false>(s, go, h, ghost, gx, row0, row1);
+  else if (ghost.add)
+    grad_features_rows_impl<T, false, true>(s, go, h, ghost, gx, row0, row1);
+  else
+    grad_features_rows_impl<T, false, false>(s, go, h, ghost, gx, row0, row1);
+}
+
+template <typename T>
+void grad_attn_rows(const Shape& s, const T* go, const T* x, const T* mul, int64_t mul_b, T* gh, int64_t row0,
+                    int64_t row1) {
+  if (mul)
+    grad_attn_rows_impl<T, true>(s, go, x, mul, mul_b, gh, row0, row1);
+  else
+    grad_attn_rows_impl<T, false>(s, go, x, mul, mul_b, gh, row0, row1);
+}
+
+template <typename T>
+void grad_ghost_rows(const Shape& s, const T* go, const T* x, const T* h, T* gm, T* ga, int64_t b, int64_t row0,
+                     int64_t row1) {
+  if (gm && ga)
+    grad_ghost_rows_impl<T, true, true>(s, go, x, h, gm, ga, b, row0, row1);
+  else if (gm)
+    grad_ghost_rows_impl<T, true, false>(s, go, x, h, gm, ga, b, row0, row1);
+  else if (ga)
+    grad_ghost_rows_impl<T, false, true>(s, go, x, h, gm, ga, b, row0, row1);
+}
+
+template <typename T>
+constexpr Kernels<T> make_kernels() {
+  return Kernels<T>{&forward_rows<T>, &grad_features_rows<T>, &grad_attn_rows<T>, &grad_ghost_rows<T>};
+}

@@ -1,0 +1,166 @@
+// The ELSA operator on channels-last CPU tensors: layouts, dtypes and threads around nhwc_kernels.
+//
+// A channels-last model hands over its values as channel slices of the q/k/v projection and its attention
+// as [B, Ho, Wo, G, K*K] memory straight from the softmax; both are read in place. Half and bfloat16 are
+// computed in float.
+#include "nhwc_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "nhwc_kernels.h"
+
+namespace elsa_op {
+namespace {
+
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Features or gradients with unit channel stride, in the compute type; copied only when they are not.
+at::Tensor as_nhwc(const at::Tensor& t, at::ScalarType type) {
+  auto r = t.to(type);
+  return r.stride(1) == 1 ? r : r.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// [B, G, K*K, Ho, Wo] attention as contiguous [B, Ho, Wo, G, K*K].
+at::Tensor attn_nhwc(const at::Tensor& h, at::ScalarType type) {
+  return h.to(type).permute({0, 3, 4, 1, 2}).contiguous();
+}
+
+// (C, K, K) or (B, C, K, K) ghost kernels as [K*K, C] tables, one per batch element when batched.
+at::Tensor ghost_table(const std::optional<at::Tensor>& t, const ElsaGeometry& g, at::ScalarType type) {
+  if (!t) return at::Tensor();
+  const auto flat = t->to(type).reshape({t->dim() == 4 ? g.B : 1, g.C, g.kk()});
+  return flat.transpose(1, 2).contiguous();
+}
+
+nhwc::Shape make_shape(const ElsaGeometry& g, const at::Tensor& in, const at::Tensor& out) {
+  return nhwc::Shape{g.B,          g.C,          g.H,          g.W,          g.G,          g.K,
+                     g.dilation,   g.stride,     g.Ho,         g.Wo,         in.stride(0), in.stride(2),
+                     in.stride(3), out.stride(0), out.stride(2), out.stride(3)};
+}
+
+template <typename T>
+nhwc::Ghost<T> ghost_of(const at::Tensor& m, const at::Tensor& a, const ElsaGeometry& g) {
+  const auto batch_stride = [&](const at::Tensor& t) { return t.defined() && t.size(0) > 1 ? g.kk() * g.C : 0; };
+  return nhwc::Ghost<T>{m.defined() ? m.const_data_ptr<T>() : nullptr, batch_stride(m),
+                        a.defined() ? a.const_data_ptr<T>() : nullptr, batch_stride(a)};
+}
+
+// About 32k multiply-adds per task.
+int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
+
+}  // namespace
+
+at::Tensor forward_nhwc(const ElsaGeometry& g, const at::Tensor& features, const at::Tensor& h_attn,
+                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
+  const auto type = compute_type(features);
+  const auto x = as_nhwc(features, type), h = attn_nhwc(h_attn, type);
+  const auto m = ghost_table(ghost_mul, g, type), a = ghost_table(ghost_add, g, type);
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto s = make_shape(g, x, out);
+  AT_DISPATCH_FLOATING_TYPES(type, "elsa_forward_nhwc", [&] {
+    const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
+    const auto ghost = ghost_of<scalar_t>(m, a, g);
+    at::parallel_for(0, g.B * g.Ho, grain_for(g.Wo * g.C * g.kk()), [&](int64_t begin, int64_t end) {
+      kernels.forward(s, x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost,
+                      out.mutable_data_ptr<scalar_t>(), begin, end);
+    });
+  });
+  return out.to(features.scalar_type());
+}
+
+at::Tensor backward_features_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
+                                  const std::optional<at::Tensor>& ghost_mul,
+                                  const std::optional<at::Tensor>& ghost_add) {
+  const auto type = compute_type(grad_out);
+  const auto go = as_nhwc(grad_out, type), h = attn_nhwc(h_attn, type);
+  const auto m = ghost_table(ghost_mul, g, type), a = ghost_table(ghost_add, g, type);
+  auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto s = make_shape(g, gx, go);
+  AT_DISPATCH_FLOATING_TYPES(type, "elsa_backward_features_nhwc", [&] {
+    const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
+    const auto ghost = ghost_of<scalar_t>(m, a, g);
+    at::parallel_for(0, g.B * g.H, grain_for(g.W * g.C * g.kk()), [&](int64_t begin, int64_t end) {
+      kernels.grad_features(s, go.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost,
+                            gx.mutable_data_ptr<scalar_t>(), begin, end);
+    });
+  });
+  return gx.to(grad_out.scalar_type());
+}
+
+at::Tensor backward_attn_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& features,
+                              const std::optional<at::Tensor>& ghost_mul) {
+  const auto type = compute_type(features);
+  const auto go = as_nhwc(grad_out, type), x = as_nhwc(features, type);
+  const auto m = ghost_table(ghost_mul, g, type);
+  auto gh = at::empty({g.B, g.Ho, g.Wo, g.G, g.kk()}, x.options());
+  const auto s = make_shape(g, x, go);
+  AT_DISPATCH_FLOATING_TYPES(type, "elsa_backward_attn_nhwc", [&] {
+    const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
+    const auto ghost = ghost_of<scalar_t>(m, at::Tensor(), g);
+    at::parallel_for(0, g.B * g.Ho, grain_for(g.Wo * g.C * g.kk()), [&](int64_t begin, int64_t end) {
+      kernels.grad_attn(s, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ghost.mul, ghost.mul_b,
+                        gh.mutable_data_ptr<scalar_t>(), begin, end);
+    });
+  });
+  return gh.to(features.scalar_type()).permute({0, 3, 4, 1, 2});
+}
+
+// Partial sums over fixed blocks of output rows (never split by thread), then a sum of the blocks in order,
+// in double: the result does not depend on the number of threads.
+std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out,
+                                                       const at::Tensor& features,
+                                                       const std::optional<at::Tensor>& h_attn, bool batched,
+                                                       bool need_mul, bool need_add) {
+  const auto type = compute_type(features);
+  const auto go = as_nhwc(grad_out, type), x = as_nhwc(features, type);
+  const auto h = need_mul ? attn_nhwc(*h_attn, type) : at::Tensor();
+  const int64_t block_rows = std::max<int64_t>(1, 512 / g.Wo);
+  const int64_t blocks_per_image = (g.Ho + block_rows - 1) / block_rows, blocks = g.B * blocks_per_image;
+  const int64_t table = g.kk() * g.C;
+  const auto part_mul = need_mul ? at::zeros({blocks, table}, x.options()) : at::Tensor();
+  const auto part_add = need_add ? at::zeros({blocks, table}, x.options()) : at::Tensor();
+  const auto s = make_shape(g, x, go);
+  const int64_t units = batched ? g.B : 1;
+  auto sum_mul = at::empty({need_mul ? units : 0, g.C, g.kk()}, x.options().dtype(at::kDouble));
+  auto sum_add = at::empty({need_add ? units : 0, g.C, g.kk()}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(type, "elsa_backward_ghost_nhwc", [&] {
+    const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
+    scalar_t* pm = need_mul ? part_mul.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pa = need_add ? part_add.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t b = blk / blocks_per_image, row0 = (blk % blocks_per_image) * block_rows;
+        kernels.grad_ghost(s, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                           need_mul ? h.const_data_ptr<scalar_t>() : nullptr, pm ? pm + blk * table : nullptr,
+                           pa ? pa + blk * table : nullptr, b, row0, std::min(g.Ho, row0 + block_rows));
+      }
+    });
+    // sum[u, c, t] = sum of part[blk, t, c] over the blocks of unit u (one image, or all of them).
+    const int64_t blocks_per_unit = blocks / units;
+    for (auto [part, sum] : {std::pair{pm, &sum_mul}, std::pair{pa, &sum_add}}) {
+      if (part == nullptr) continue;
+      double* dst = sum->mutable_data_ptr<double>();
+      at::parallel_for(0, units * table, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t u = e / table, c = (e % table) / g.kk(), t = e % g.kk();
+          double total = 0;
+          for (int64_t blk = u * blocks_per_unit; blk < (u + 1) * blocks_per_unit; ++blk)
+            total += part[blk * table + t * g.C + c];
+          dst[e] = total;
+        }
+      });
+    }
+  });
+  at::Tensor gm, ga;
+  std::tie(gm, ga) = empty_ghost_grads(g, batched, need_mul, need_add, features.options());
+  if (need_mul) gm.copy_(sum_mul.view(gm.sizes()));
+  if (need_add) ga.copy_(sum_add.view(ga.sizes()));
+  return {gm, ga};
+}
+
+}  // namespace elsa_op
