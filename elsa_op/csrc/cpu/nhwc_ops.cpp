@@ -55,41 +55,42 @@ int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / st
 
 }  // namespace
 
-at::Tensor forward_nhwc(const ElsaGeometry& g, const at::Tensor& features, const at::Tensor& h_attn,
-                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
-  const auto type = compute_type(features);
-  const auto x = as_nhwc(features, type), h = attn_nhwc(h_attn, type);
+namespace {
+
+// Forward and grad-features are one weighted gather that runs in opposite directions: from features to
+// the output grid, or from grad_out back to the feature grid.
+at::Tensor weighted_nhwc(const ElsaGeometry& g, const at::Tensor& values, const at::Tensor& h_attn,
+                         const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
+                         bool grad_x) {
+  const auto type = compute_type(values);
+  const auto v = as_nhwc(values, type), h = attn_nhwc(h_attn, type);
   const auto m = ghost_table(ghost_mul, g, type), a = ghost_table(ghost_add, g, type);
-  auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const auto s = make_shape(g, x, out);
-  AT_DISPATCH_FLOATING_TYPES(type, "elsa_forward_nhwc", [&] {
+  const int64_t rows = grad_x ? g.H : g.Ho, cols = grad_x ? g.W : g.Wo;
+  auto result = at::empty({g.B, g.C, rows, cols}, v.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto s = grad_x ? make_shape(g, result, v) : make_shape(g, v, result);
+  AT_DISPATCH_FLOATING_TYPES(type, "elsa_weighted_nhwc", [&] {
     const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
+    const auto kernel = grad_x ? kernels.grad_features : kernels.forward;
     const auto ghost = ghost_of<scalar_t>(m, a, g);
-    at::parallel_for(0, g.B * g.Ho, grain_for(g.Wo * g.C * g.kk()), [&](int64_t begin, int64_t end) {
-      kernels.forward(s, x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost,
-                      out.mutable_data_ptr<scalar_t>(), begin, end);
+    at::parallel_for(0, g.B * rows, grain_for(cols * g.C * g.kk()), [&](int64_t begin, int64_t end) {
+      kernel(s, v.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost,
+             result.mutable_data_ptr<scalar_t>(), begin, end);
     });
   });
-  return out.to(features.scalar_type());
+  return result.to(values.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor forward_nhwc(const ElsaGeometry& g, const at::Tensor& features, const at::Tensor& h_attn,
+                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
+  return weighted_nhwc(g, features, h_attn, ghost_mul, ghost_add, false);
 }
 
 at::Tensor backward_features_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
                                   const std::optional<at::Tensor>& ghost_mul,
                                   const std::optional<at::Tensor>& ghost_add) {
-  const auto type = compute_type(grad_out);
-  const auto go = as_nhwc(grad_out, type), h = attn_nhwc(h_attn, type);
-  const auto m = ghost_table(ghost_mul, g, type), a = ghost_table(ghost_add, g, type);
-  auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const auto s = make_shape(g, gx, go);
-  AT_DISPATCH_FLOATING_TYPES(type, "elsa_backward_features_nhwc", [&] {
-    const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
-    const auto ghost = ghost_of<scalar_t>(m, a, g);
-    at::parallel_for(0, g.B * g.H, grain_for(g.W * g.C * g.kk()), [&](int64_t begin, int64_t end) {
-      kernels.grad_features(s, go.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost,
-                            gx.mutable_data_ptr<scalar_t>(), begin, end);
-    });
-  });
-  return gx.to(grad_out.scalar_type());
+  return weighted_nhwc(g, grad_out, h_attn, ghost_mul, ghost_add, true);
 }
 
 at::Tensor backward_attn_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& features,
