@@ -52,15 +52,6 @@ inline int64_t check_ghost(const at::Tensor& t, const ElsaGeometry& g, const cha
   return batched ? g.C * g.kk() : 0;
 }
 
-// Output columns j whose input column j * stride + offset lies inside [0, width).
-inline void valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_width, int64_t& j0,
-                          int64_t& j1) {
-  j0 = offset < 0 ? (-offset + stride - 1) / stride : 0;
-  const int64_t last = width - 1 - offset;
-  j1 = last < 0 ? 0 : std::min(out_width, last / stride + 1);
-  if (j1 < j0) j1 = j0;
-}
-
 inline ElsaGeometry check_forward_args(const at::Tensor& features, const at::Tensor& h_attn,
                                       const std::optional<at::Tensor>& ghost_mul,
                                       const std::optional<at::Tensor>& ghost_add, int64_t K, int64_t dilation,

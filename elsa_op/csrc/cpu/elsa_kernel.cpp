@@ -15,6 +15,7 @@
 
 #include "../elsa_common.h"
 #include "nhwc_ops.h"
+#include "window.h"
 
 namespace elsa_op {
 namespace {

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "window.h"
+
 namespace elsa_op::nhwc {
 
 // One ELSA call on channels-last data. Channels are unit-stride in every tensor; the other strides are

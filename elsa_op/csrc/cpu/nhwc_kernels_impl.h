@@ -58,15 +58,6 @@ struct TapList {
   }
 };
 
-// Positions k in [0, count) with 0 <= k * stride + offset < size, as [lo, hi).
-inline void inside_range(int64_t offset, int64_t stride, int64_t size, int64_t count, int64_t& lo, int64_t& hi) {
-  lo = offset < 0 ? (-offset + stride - 1) / stride : 0;
-  const int64_t last = size - 1 - offset;
-  hi = last < 0 ? 0 : last / stride + 1;
-  if (hi > count) hi = count;
-  if (hi < lo) hi = lo;
-}
-
 // Taps of an output pixel at input position (y, x) (its window centre) whose value lies inside the image,
 // with offsets relative to that position; all K*K of them inside the image.
 inline void window_taps(const Shape& s, int64_t y, int64_t x, bool gather_from_outputs, TapList& list) {
@@ -327,8 +318,8 @@ void grad_ghost_rows_impl(const Shape& s, const T* go, const T* x, const T* h, T
     for (int64_t q = 0; q < s.K; ++q) {
       const int64_t t = p * s.K + q, dy = (p - r) * s.dilation, dx = (q - r) * s.dilation;
       int64_t i0, i1, j0, j1;
-      inside_range(dy, s.stride, s.H, s.Ho, i0, i1);
-      inside_range(dx, s.stride, s.W, s.Wo, j0, j1);
+      valid_columns(dy, s.stride, s.H, s.Ho, i0, i1);
+      valid_columns(dx, s.stride, s.W, s.Wo, j0, j1);
       i0 = i0 > row0 ? i0 : row0;
       i1 = i1 < row1 ? i1 : row1;
       if (i0 >= i1 || j0 >= j1) continue;
