@@ -111,6 +111,7 @@ class ELSAAttention(nn.Module):
         # the last dimension, and elsa_function reads v and the attention in place and returns
         # channels-last output that post_proj takes without a copy.
         q, k, v = self.pre_proj(x.permute(0, 3, 1, 2)).split((self.dim_qk, self.dim_qk, C), dim=1)
+        # ELSA-Swin's blocks use scale 1 (the attention conv learns it): skip a pass over q * k there.
         qk = q * k if self.scale == 1 else q * k * self.scale
         logits = self.attn(qk).permute(0, 2, 3, 1).reshape(B, H, W, self.num_heads, K * K)
         attn = self.attn_drop(logits.softmax(dim=-1)).permute(0, 3, 4, 1, 2)
