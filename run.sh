@@ -32,15 +32,19 @@ setup() {
     "$PY" -m pip install -q --find-links "$wheels" --only-binary mmcv -r requirements-mm.txt
     echo "$want" > "$VENV/.requirements.sha256"
   fi
-  # Incremental: only sources newer than the built library are compiled again.
+  # The project itself, installed editable (every package: elsa_op, elsa_swin, elsa_cls, elsa_mm), again
+  # only when its metadata changes; then elsa_op._C is rebuilt in place, incrementally: only sources
+  # newer than the built library are compiled again.
+  want=$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
+  have=$(cat "$VENV/.project.sha256" 2>/dev/null || true)
+  if [ "$want" != "$have" ]; then
+    log "installing the project (pip install -e .[mm]; compiles elsa_op._C, several minutes the first time)"
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation --no-deps -e ".[mm]" \
+      >"$VENV/install.log" 2>&1 || { cat "$VENV/install.log"; log "installing the project failed"; exit 1; }
+    echo "$want" > "$VENV/.project.sha256"
+  fi
   MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py -q build_ext --inplace >"$VENV/build_ext.log" 2>&1 ||
     { cat "$VENV/build_ext.log"; log "building elsa_op._C failed"; exit 1; }
-  "$PY" - "$ROOT" <<'PY'
-import sys, sysconfig, pathlib
-pth = pathlib.Path(sysconfig.get_paths()["purelib"]) / "elsa.pth"
-if not pth.exists() or pth.read_text().strip() != sys.argv[1]:
-    pth.write_text(sys.argv[1] + "\n")
-PY
 }
 
 cmd=${1:-}

@@ -1,9 +1,10 @@
-"""Builds `elsa_op._C`, the ELSA operator's C++/CUDA library.
+"""Builds `elsa_op._C`, the ELSA operator's C++/CUDA library; the project's metadata is in pyproject.toml.
+
+    pip install --no-build-isolation -e .        # or .[mm] for det/ and seg/
+    python setup.py build_ext --inplace          # rebuild only the library, incrementally
 
 The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for
 sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise. DEBUG=1 builds with -O0 -g.
-
-    python setup.py build_ext --inplace
 """
 import glob
 import os
@@ -12,7 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _set_cuda_home() -> None:
@@ -71,12 +72,4 @@ def _extension():
     return CUDAExtension("elsa_op._C", sources, **kwargs)
 
 
-setup(
-    name="elsa",
-    version="0.1.0",
-    description="ELSA: Enhanced Local Self-Attention for Vision Transformer (operator, models, plugins)",
-    packages=find_packages(include=["elsa_op", "elsa_op.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.10",
-)
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

@@ -8,37 +8,12 @@ round.
 """
 import argparse
 import statistics
-import sys
 import time
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cls"))
-import models  # noqa: E402,F401  (registers the ELSA-Swin models)
-
-import elsa_op.layers  # noqa: E402
-from elsa_op import elsa_reference  # noqa: E402
-
-
-@contextmanager
-def unfold_path():
-    """Run the ELSA layers on the pure-PyTorch unfold path, ghost kernels expanded to the batch as the
-    original did."""
-    original = elsa_op.layers.elsa_function
-
-    def unfold(features, h_attn, ghost_mul=None, ghost_add=None, **kw):
-        B = features.shape[0]
-        expand = lambda t: None if t is None else t.expand(B, -1, -1, -1)  # noqa: E731
-        return elsa_reference(features, h_attn, expand(ghost_mul), expand(ghost_add), **kw)
-
-    elsa_op.layers.elsa_function = unfold
-    try:
-        yield
-    finally:
-        elsa_op.layers.elsa_function = original
+import elsa_swin  # noqa: F401  (registers the ELSA-Swin models)
 
 
 def sync(device):
@@ -63,19 +38,18 @@ def make_step(model, x, train: bool):
     return step
 
 
-def images_per_second(steps, contexts, x, reps: int) -> list:
+def images_per_second(steps, x, reps: int) -> list:
     """Median images/s of each step. The steps take turns, one timed call each per round, so that drift in
     the machine's speed reaches all of them alike."""
     times = [[] for _ in steps]
     for rnd in range(reps + 1):  # round 0 warms up
-        for k, (step, ctx) in enumerate(zip(steps, contexts)):
-            with ctx() if ctx else nullcontext():
-                sync(x.device)
-                t0 = time.perf_counter()
-                step()
-                sync(x.device)
-                if rnd:
-                    times[k].append(time.perf_counter() - t0)
+        for k, step in enumerate(steps):
+            sync(x.device)
+            t0 = time.perf_counter()
+            step()
+            sync(x.device)
+            if rnd:
+                times[k].append(time.perf_counter() - t0)
     return [x.shape[0] / statistics.median(t) for t in times]
 
 
@@ -96,16 +70,17 @@ def main() -> None:
     print("|---|---|---|---|---|")
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=args.img_size).to(device)
     elsa = timm.create_model("elsa_swin_tiny", img_size=args.img_size).to(device)
-    rows = [("swin_tiny_patch4_window7_224 (timm)", swin, None), ("elsa_swin_tiny (elsa_op)", elsa, None),
-            ("elsa_swin_tiny (unfold path)", elsa, unfold_path)]
+    unfold = timm.create_model("elsa_swin_tiny", img_size=args.img_size, elsa_backend="reference").to(device)
+    unfold.load_state_dict(elsa.state_dict())
+    rows = [("swin_tiny_patch4_window7_224 (timm)", swin), ("elsa_swin_tiny (elsa_op)", elsa),
+            ("elsa_swin_tiny (unfold path)", unfold)]
     # Swin-T and ELSA-Swin-T take turns; the unfold path runs on its own afterwards, because its
     # gigabytes of temporaries would slow down whichever model runs after it.
     inference, training = [], []
     for part in (rows[:2], rows[2:]):
-        contexts = [ctx for _, _, ctx in part]
-        inference += images_per_second([make_step(m, x, False) for _, m, _ in part], contexts, x, args.reps)
-        training += images_per_second([make_step(m, x, True) for _, m, _ in part], contexts, x, args.reps)
-    for (name, _, _), inf, trn in zip(rows, inference, training):
+        inference += images_per_second([make_step(m, x, False) for _, m in part], x, args.reps)
+        training += images_per_second([make_step(m, x, True) for _, m in part], x, args.reps)
+    for (name, _), inf, trn in zip(rows, inference, training):
         print(f"| {name} | {inf:.1f} | {trn:.1f} | {inf / inference[0]:.2f}x | {trn / training[0]:.2f}x |")
 
 

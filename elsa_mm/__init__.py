@@ -1,10 +1,13 @@
-"""The ELSA-Swin backbone for OpenMMLab (mmdetection 3.x and mmsegmentation 1.x).
+"""ELSA-Swin for OpenMMLab (mmdetection 3.x and mmsegmentation 1.x).
 
-Written once here; det/elsa_det and seg/elsa_seg register it in their MODELS registries.
+Importing it registers the dense backbone ``ELSASwin`` in mmengine's root ``MODELS`` registry and
+``SafeCheckpointHook`` in its root ``HOOKS`` registry (mmdet's and mmseg's registries search both);
+configs load it with
+``custom_imports=dict(imports=['elsa_mm'])``. It changes nothing else: making mmengine checkpoints
+loadable and their writes atomic are explicit calls (:mod:`elsa_mm.compat`).
 """
 from .backbone import ELSASwin
-from .compat import allow_mmengine_checkpoints
+from .compat import allow_mmengine_checkpoints, write_checkpoints_atomically
+from .hooks import SafeCheckpointHook
 
-allow_mmengine_checkpoints()
-
-__all__ = ["ELSASwin", "allow_mmengine_checkpoints"]
+__all__ = ["ELSASwin", "SafeCheckpointHook", "allow_mmengine_checkpoints", "write_checkpoints_atomically"]

@@ -1,16 +1,23 @@
-"""ELSA-Swin dense backbone: four NCHW feature maps, each with its own LayerNorm, for inputs of any size."""
+"""ELSA-Swin dense backbone: four NCHW feature maps, each with its own LayerNorm, for inputs of any size.
+
+Registered in mmengine's root ``MODELS`` registry, which mmdet's and mmseg's registries search too.
+"""
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from mmengine.registry import MODELS
 from timm.layers import PatchEmbed, calculate_drop_path_rates
 
-from elsa_op.checkpoint import map_original_names, unwrap_state_dict
-from elsa_op.swin_stage import ELSASwinStage, init_linear
+from elsa_swin.blocks import ELSASwinStage, init_linear
+from elsa_swin.checkpoint import load_checkpoint_file, map_original_names, unwrap_state_dict
+
+from .compat import mmengine_safe_globals
 
 
+@MODELS.register_module()
 class ELSASwin(BaseModule):
     """ELSA-Swin backbone (ELSA in stages 1-3, shifted-window attention in stage 4).
 
@@ -91,6 +98,10 @@ class ELSASwin(BaseModule):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.apply(init_linear)
         self._freeze_stages()
+        # The original's checkpoints (classification ones, and the published COCO / ADE20K models, which
+        # hold the backbone under "backbone.") load through the name mapping, whoever loads them:
+        # our init_cfg, mmengine's load_from, or a plain load_state_dict.
+        self.register_load_state_dict_pre_hook(_map_original_names_hook)
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s pretrained classification checkpoint; other init is done at construction."""
@@ -100,14 +111,13 @@ class ELSASwin(BaseModule):
 
     def load_pretrained(self, path: str):
         """Load a classification checkpoint; returns (missing keys, unexpected keys), which are also logged."""
-        # Checkpoints hold more than tensors (training args; numpy scalars in mmengine's).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(path, extra_safe_globals=mmengine_safe_globals())
         state_dict = unwrap_state_dict(checkpoint)
         if any(k.startswith("backbone.") for k in state_dict):  # a detector's or segmentor's checkpoint
             state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         # The classifier's final norm and head have no place in the backbone.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "norm."))}
-        missing, unexpected = self.load_state_dict(map_original_names(state_dict, self), strict=False)
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
         print_log(f"loaded {path}: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}",
                   logger="current")
         return missing, unexpected
@@ -138,3 +148,8 @@ class ELSASwin(BaseModule):
             if i in self.out_indices:
                 outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
+
+
+def _map_original_names_hook(module: ELSASwin, state_dict: dict, prefix: str, *args) -> None:
+    own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+    state_dict.update({prefix + k: v for k, v in map_original_names(own, module).items()})

@@ -1,13 +1,20 @@
 """The parts of det/ and seg/ tools/train.py and tools/test.py that are the same: argument parsing,
 config loading with the original's options mapped onto mmengine, and the Runner."""
 import argparse
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import Runner
+
+from elsa_swin.checkpoint import CheckpointError, load_checkpoint_file
+
+from .compat import allow_mmengine_checkpoints, mmengine_safe_globals, write_checkpoints_atomically
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -62,36 +69,70 @@ def load_config(args: argparse.Namespace) -> Config:
     if pretrained:
         if not Path(pretrained).is_file():
             raise SystemExit(f"error: model.pretrained={pretrained} does not exist")
+        check_checkpoint(pretrained)
         cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=pretrained)
     return cfg
 
 
+def check_checkpoint(path: str) -> dict:
+    """The checkpoint's contents; a missing, unreadable or unsafe file is refused in one line naming it,
+    before the Runner starts."""
+    try:
+        return load_checkpoint_file(path, extra_safe_globals=mmengine_safe_globals())
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_fits(model: torch.nn.Module, checkpoint: dict, path: str, config: str) -> None:
+    """Refuse a checkpoint that does not hold the model's weights (mmengine would load what matches,
+    warn deep in the log, and test random heads)."""
+    if is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        model = model.module
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # Load for real, so that the backbone's mapping of the original's names takes part; the Runner loads
+    # the same weights again.
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise SystemExit(f"error: {path} does not fit the model of {config}: {'; '.join(shapes[:3]) or e}") from None
+    if missing:
+        raise SystemExit(f"error: {path} does not fit the model of {config}: {len(missing)} of "
+                         f"{len(model.state_dict())} weights are missing from it (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        print_log(f"{path}: {len(unexpected)} weights the model does not use: {', '.join(unexpected[:5])}",
+                  logger="current", level=logging.WARNING)
+
+
 def train(cfg: Config, args: argparse.Namespace) -> None:
+    allow_mmengine_checkpoints()
+    write_checkpoints_atomically()
+    for key in ("max_iters", "max_epochs"):
+        value = (cfg.get("train_cfg") or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SystemExit(f"error: train_cfg.{key}={value!r}: it must be a whole number of at least 1")
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     if args.resume == "auto":
         cfg.resume, cfg.load_from = True, None
     elif args.resume:
-        if not Path(args.resume).is_file():
-            raise SystemExit(f"error: checkpoint {args.resume} does not exist")
+        check_checkpoint(args.resume)
         cfg.resume, cfg.load_from = True, args.resume
     Runner.from_cfg(cfg).train()
 
 
 def test(cfg: Config, args: argparse.Namespace) -> dict:
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"error: checkpoint {args.checkpoint} does not exist")
+    allow_mmengine_checkpoints()
+    write_checkpoints_atomically()
+    checkpoint = check_checkpoint(args.checkpoint)
     cfg.load_from = args.checkpoint
     if args.out:
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
         cfg.test_evaluator.append(dict(type="DumpResults", out_file_path=args.out))
-    return Runner.from_cfg(cfg).test()
+    runner = Runner.from_cfg(cfg)
+    check_fits(runner.model, checkpoint, args.checkpoint, args.config)
+    del checkpoint
+    return runner.test()
 
-
-def add_plugin_path(tool_file: str) -> None:
-    """Make the plugin package beside tools/ (and the repository root) importable for custom_imports."""
-    here = Path(tool_file).resolve().parent.parent
-    for path in (here, here.parent):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))

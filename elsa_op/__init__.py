@@ -1,4 +1,8 @@
-"""ELSA: the enhanced local self-attention operator and layer (Zhou et al., arXiv 2112.12786)."""
+"""ELSA: the enhanced local self-attention operator and layer (Zhou et al., arXiv 2112.12786).
+
+Needs torch only: ``elsa_function`` (the operator), ``elsa_reference`` (its pure-PyTorch definition)
+and ``ELSAAttention`` (the layer). The ELSA-Swin models are in the ``elsa_swin`` package.
+"""
 import torch  # noqa: F401  (loads the libtorch libraries that _C links against)
 
 try:
@@ -6,12 +10,13 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError(
         "elsa_op._C, the compiled ELSA operator, is not built or does not match this torch. "
-        "Build it from the repository root with `python setup.py build_ext --inplace` "
-        "(or run `bash run.sh test`, which sets everything up)."
+        "Install the project from the repository root with `pip install --no-build-isolation -e .` "
+        "(or run `bash run.sh setup`, which sets everything up)."
     ) from e
 
 from .checks import check_elsa_args
-from .ops import elsa_function
+from .layers import ELSAAttention
+from .ops import BACKENDS, elsa_function
 from .reference import elsa_reference
 
-__all__ = ["check_elsa_args", "elsa_function", "elsa_reference"]
+__all__ = ["BACKENDS", "ELSAAttention", "check_elsa_args", "elsa_function", "elsa_reference"]

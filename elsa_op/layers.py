@@ -1,12 +1,11 @@
-"""The ELSA attention layer and transformer block (NHWC in, NHWC out, like timm's Swin blocks)."""
-from typing import Optional, Type
+"""The ELSA attention layer (NHWC in, NHWC out, like timm's Swin blocks). Needs torch only."""
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor
 
-from .ops import elsa_function
+from .ops import BACKENDS, elsa_function
 
 
 class ELSAAttention(nn.Module):
@@ -26,9 +25,13 @@ class ELSAAttention(nn.Module):
         group_width: channels per group of the K x K conv that makes the attention. Default: 8.
         qkv_bias: bias of the q/k/v projection. Default: True.
         qk_scale: scale of q * k; None means ``(dim // num_heads) ** -0.5``.
-        lam: exponent of the multiplicative ghost kernel; 0 disables it. Default: 0.
-        gamma: scale of the additive ghost kernel; 0 disables it. Default: 1.
+        lam: exponent of the multiplicative ghost kernel ``ghost_mul`` (Tensor[C, K, K]); 0 leaves it out.
+            Default: 0.
+        gamma: scale of the additive ghost kernel ``ghost_add`` (Tensor[C, K, K]); 0 leaves it out.
+            Default: 1.
         attn_drop: dropout on the attention. proj_drop: dropout after the output projection.
+        backend: ``"kernels"`` (the compiled operator) or ``"reference"`` (pure PyTorch, slow; for
+            checking and for machines without the compiled library). Default: ``"kernels"``.
     """
 
     def __init__(
@@ -44,10 +47,16 @@ class ELSAAttention(nn.Module):
         gamma: float = 1.0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        backend: str = "kernels",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.num_heads = num_heads
         # q and k get about 2/3 of the channels, rounded up to whole groups of the attention conv.
@@ -57,51 +66,31 @@ class ELSAAttention(nn.Module):
         self.lam = lam
         self.gamma = gamma
         self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.backend = backend
 
-        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + dim, 1, bias=qkv_bias)
+        self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + dim, 1, bias=qkv_bias, **dd)
         self.attn = nn.Sequential(
             nn.Conv2d(
                 self.dim_qk, self.dim_qk, kernel_size, padding=kernel_size // 2 * dilation,
-                dilation=dilation, groups=self.dim_qk // group_width,
+                dilation=dilation, groups=self.dim_qk // group_width, **dd,
             ),
             nn.GELU(),
-            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1),
+            nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, **dd),
         )
-        # The published checkpoints store the ghost kernels in one tensor whose shape depends on which
-        # of them are enabled: (2, 1, C, K, K) for both, (1, C, K, K) for one, none for neither.
-        ghost_shape = (1, dim, kernel_size, kernel_size)
-        if lam != 0 and gamma != 0:
-            self.ghost_head = nn.Parameter(torch.zeros(2, *ghost_shape))
-        elif lam != 0 or gamma != 0:
-            self.ghost_head = nn.Parameter(torch.zeros(*ghost_shape))
-        else:
-            self.register_parameter("ghost_head", None)
+        shape = (dim, kernel_size, kernel_size)
+        self.ghost_mul = nn.Parameter(torch.empty(shape, **dd)) if lam != 0 else None
+        self.ghost_add = nn.Parameter(torch.empty(shape, **dd)) if gamma != 0 else None
         self.attn_drop = nn.Dropout(attn_drop)
-        self.post_proj = nn.Linear(dim, dim)
+        self.post_proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.reset_ghost_head()
+        self.reset_ghost_kernels()
 
-    def reset_ghost_head(self) -> None:
-        if self.ghost_head is None:
-            return
-        with torch.no_grad():
-            if self.lam != 0 and self.gamma != 0:
-                self.ghost_head[0].normal_()
-                trunc_normal_(self.ghost_head[1], std=0.02)
-            elif self.lam != 0:
-                self.ghost_head.normal_()
-            else:
-                trunc_normal_(self.ghost_head, std=0.02)
-
-    def _ghost_kernels(self):
-        """(ghost_mul, ghost_add) of shape (C, K, K), lam and gamma applied; None where disabled."""
-        if self.ghost_head is None:
-            return None, None
-        if self.lam != 0 and self.gamma != 0:
-            return self.ghost_head[0, 0] ** self.lam, self.ghost_head[1, 0] * self.gamma
-        if self.lam != 0:
-            return self.ghost_head[0] ** self.lam, None
-        return None, self.ghost_head[0] * self.gamma
+    def reset_ghost_kernels(self) -> None:
+        """The original's init: ``ghost_mul`` standard normal, ``ghost_add`` truncated normal (std 0.02)."""
+        if self.ghost_mul is not None:
+            nn.init.normal_(self.ghost_mul)
+        if self.ghost_add is not None:
+            nn.init.trunc_normal_(self.ghost_add, std=0.02, a=-2.0, b=2.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
@@ -115,52 +104,15 @@ class ELSAAttention(nn.Module):
         qk = q * k if self.scale == 1 else q * k * self.scale
         logits = self.attn(qk).permute(0, 2, 3, 1).reshape(B, H, W, self.num_heads, K * K)
         attn = self.attn_drop(logits.softmax(dim=-1)).permute(0, 3, 4, 1, 2)
-        ghost_mul, ghost_add = self._ghost_kernels()
-        x = elsa_function(v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation)
+        ghost_mul = self.ghost_mul ** self.lam if self.ghost_mul is not None else None
+        ghost_add = self.ghost_add * self.gamma if self.ghost_add is not None else None
+        x = elsa_function(v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation, backend=self.backend)
         x = self.post_proj(x.permute(0, 2, 3, 1))
         return self.proj_drop(x)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
-            f"dilation={self.dilation}, lam={self.lam}, gamma={self.gamma}"
+            f"dilation={self.dilation}, lam={self.lam}, gamma={self.gamma}, backend={self.backend!r}"
         )
 
-
-class ELSABlock(nn.Module):
-    """Pre-norm transformer block with ELSA in place of window attention. x: Tensor[B, H, W, C].
-
-    As in the original ELSA-Swin, q * k is not scaled (qk_scale=1): the attention conv learns the scale.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        kernel_size: int = 7,
-        group_width: int = 8,
-        lam: float = 0.0,
-        gamma: float = 1.0,
-        qk_scale: Optional[float] = 1.0,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
-    ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = ELSAAttention(
-            dim, num_heads, kernel_size=kernel_size, group_width=group_width, qkv_bias=qkv_bias,
-            qk_scale=qk_scale, lam=lam, gamma=gamma, attn_drop=attn_drop, proj_drop=proj_drop,
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))

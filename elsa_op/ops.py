@@ -5,8 +5,11 @@ import torch
 from torch import Tensor
 
 from .checks import check_elsa_args
+from .reference import elsa_reference
 
 _ops = torch.ops.elsa_op
+
+BACKENDS = ("kernels", "reference")
 
 
 def elsa_function(
@@ -18,6 +21,7 @@ def elsa_function(
     kernel_size: int,
     dilation: int = 1,
     stride: int = 1,
+    backend: str = "kernels",
 ) -> Tensor:
     """Local attention with per-pixel Hadamard attention and ghost kernels.
 
@@ -35,22 +39,29 @@ def elsa_function(
         kernel_size (int): odd window size K.
         dilation (int): spacing of the window taps. Default: 1.
         stride (int): output stride s; ``Ho = (H - 1) // s + 1``. Default: 1.
+        backend (str): ``"kernels"``, the compiled operator, or ``"reference"``, the pure-PyTorch
+            definition (:func:`elsa_op.elsa_reference`: slow and memory-hungry, for checking).
+            Default: ``"kernels"``.
 
     Returns:
         Tensor[B, C, Ho, Wo], in the inputs' dtype. Under ``torch.autocast`` the inputs are first cast
         to the autocast dtype, as convolutions are.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device_type = features.device.type if isinstance(features, Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type):
+    # Autocast exists for real devices only; asking about "meta" raises.
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         features, h_attn, ghost_mul, ghost_add = (
             t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
             for t in (features, h_attn, ghost_mul, ghost_add)
         )
     check_elsa_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
-    if features.device.type != "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "elsa_op::elsa_forward", features.device.type.upper()
-    ):
+    if backend == "reference":
+        return elsa_reference(features, h_attn, ghost_mul, ghost_add, kernel_size=kernel_size, dilation=dilation,
+                              stride=stride)
+    if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("elsa_op::elsa_forward", "CUDA"):
         raise RuntimeError(
             f"elsa_op._C was built without {features.device.type} kernels; rebuild it where nvcc is "
             "available (or with FORCE_CUDA=1): python setup.py build_ext --inplace"

@@ -24,3 +24,15 @@ def losses(work_dir: Path):
 def falling(values) -> bool:
     k = max(1, len(values) // 3)
     return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+def upstream_tool(package: str, tool: str) -> Path:
+    """mmdet's or mmseg's own tools/train.py or tools/test.py, as pip installs them."""
+    module = __import__(package)
+    return Path(module.__file__).parent / ".mim" / "tools" / tool
+
+
+def run_upstream(package: str, tool: str, args, cwd: Path, timeout=1500):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(upstream_tool(package, tool)), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

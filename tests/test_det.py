@@ -9,14 +9,16 @@ mmdet = pytest.importorskip("mmdet")
 
 from conftest import DATA  # noqa: E402
 from mm_data import CLASSES, write_coco  # noqa: E402
-from mm_helpers import REPO, falling, losses, run_tool  # noqa: E402
+from mm_helpers import REPO, falling, losses, run_tool, run_upstream  # noqa: E402
 
 CONFIGS = sorted((REPO / "det" / "configs" / "elsa_swin").glob("*.py"))
+# README: the dense backbone reproduces the original's feature maps within this.
+DENSE_ATOL = 1e-5
 
 
 def test_dense_parity_with_original():
     from elsa_mm import ELSASwin
-    from elsa_op.checkpoint import map_original_names
+    from elsa_swin import map_original_names
 
     ref = torch.load(DATA / "elsa_swin_dense_narrow.pt", weights_only=False)
     model = ELSASwin(**ref["config"]).eval()
@@ -24,13 +26,13 @@ def test_dense_parity_with_original():
     with torch.no_grad():
         feats = model(ref["input"])
     for got, want in zip(feats, ref["features"]):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=0, atol=DENSE_ATOL)
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_dense_manifest_maps_onto_backbone(size):
     from elsa_mm import ELSASwin
-    from elsa_op.checkpoint import map_original_names
+    from elsa_swin import map_original_names
 
     manifest = json.loads((DATA / "dense_backbone_state_dict_manifest.json").read_text())[size]
     with torch.device("meta"):
@@ -45,13 +47,10 @@ def test_dense_manifest_maps_onto_backbone(size):
 
 def test_backbone_loads_classification_checkpoints(tmp_path):
     """Our classifier's checkpoint and the original's both load into the backbone through init_cfg."""
-    import sys
-
-    from elsa_mm import ELSASwin
-
-    sys.path.insert(0, str(REPO / "cls"))
     import timm
-    import models  # noqa: F401
+
+    import elsa_swin  # noqa: F401  (registers the classifiers)
+    from elsa_mm import ELSASwin
 
     ref = torch.load(DATA / "elsa_swin_cls_narrow.pt", weights_only=False)
     cfg = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4)
@@ -73,9 +72,6 @@ def test_config_builds(config):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    import sys
-
-    sys.path.insert(0, str(REPO / "det"))
     register_all_modules()
     cfg = Config.fromfile(str(config))
     assert cfg.model.backbone.type == "ELSASwin"
@@ -155,6 +151,49 @@ def test_train_then_test_then_resume(tmp_path, name):
     assert (tmp_path / "resumed" / "epoch_3.pth").exists()
 
 
+@pytest.mark.slow
+def test_mmdet_own_tools_train_and_test_our_config(tmp_path):
+    """Once the project is installed, mmdet's installed tools/train.py and tools/test.py take our configs."""
+    config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
+    work = tmp_path / "work"
+    two_classes = ["--cfg-options", "model.roi_head.bbox_head.num_classes=2", "model.roi_head.mask_head.num_classes=2"]
+    r = run_upstream("mmdet", "train.py", [str(config), "--work-dir", str(work), *two_classes], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(losses(work)) == 4
+    r = run_upstream("mmdet", "test.py", [str(config), str(work / "epoch_1.pth"), "--work-dir", str(work), *two_classes],
+                     cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "coco/bbox_mAP" in r.stdout + r.stderr
+
+
+def test_test_refuses_a_checkpoint_of_another_model(tmp_path):
+    """A checkpoint that does not hold the detector's weights is refused, not tested with random heads."""
+    config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
+    from elsa_mm import ELSASwin
+
+    other = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "other.pth")
+    r = run_tool("det", ["tools/test.py", str(config), str(tmp_path / "other.pth"), "--work-dir", str(tmp_path / "w")])
+    assert r.returncode != 0
+    assert f"error: {tmp_path / 'other.pth'} does not fit the model of" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
+
+
+def test_original_detector_checkpoint_maps_onto_the_backbone():
+    """The published COCO models hold the original's backbone names under "backbone.": loading the whole
+    detector's state dict maps them (mmengine's load_from does exactly this)."""
+    from elsa_mm import ELSASwin
+
+    ref = torch.load(DATA / "elsa_swin_dense_narrow.pt", weights_only=False)
+    wrapper = torch.nn.Module()
+    wrapper.backbone = ELSASwin(**ref["config"]).eval()
+    missing, unexpected = wrapper.load_state_dict({f"backbone.{k}": v for k, v in ref["state_dict"].items()}, strict=False)
+    assert missing == [] and unexpected == []
+    with torch.no_grad():
+        feats = wrapper.backbone(ref["input"])
+    for got, want in zip(feats, ref["features"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=DENSE_ATOL)
+
+
 def test_bad_inputs(tmp_path):
     r = run_tool("det", ["tools/train.py", str(tmp_path / "nope.py")])
     assert r.returncode != 0 and "config file" in r.stderr and "does not exist" in r.stderr
@@ -164,16 +203,17 @@ def test_bad_inputs(tmp_path):
     assert r.returncode != 0 and "train.json" in r.stderr
     r = run_tool("det", ["tools/test.py", str(config), str(tmp_path / "missing.pth"), "--eval", "bbox"])
     assert r.returncode != 0 and "missing.pth does not exist" in r.stderr
+    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"),
+                         "--cfg-options", "train_cfg.max_epochs=-1"])
+    assert r.returncode != 0 and "error: train_cfg.max_epochs=-1" in r.stderr.strip().splitlines()[-1]
 
 
 def test_pretrained_option_and_frozen_stages(tmp_path):
     import argparse
-    import sys
 
     from elsa_mm import ELSASwin
     from elsa_mm.tools import load_config
 
-    sys.path.insert(0, str(REPO / "det"))  # custom_imports: elsa_det
     ckpt = tmp_path / "cls.pth"
     torch.save({}, ckpt)
     config = REPO / "det" / "configs" / "elsa_swin" / "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"

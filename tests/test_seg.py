@@ -7,20 +7,17 @@ import torch
 mmseg = pytest.importorskip("mmseg")
 
 from mm_data import SEG_CLASSES, write_ade  # noqa: E402
-from mm_helpers import REPO, falling, losses, run_tool  # noqa: E402
+from mm_helpers import REPO, falling, losses, run_tool, run_upstream  # noqa: E402
 
 CONFIGS = sorted((REPO / "seg" / "configs" / "elsa_swin").glob("*.py"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(config):
-    import sys
-
     from mmengine.config import Config
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    sys.path.insert(0, str(REPO / "seg"))
     register_all_modules()
     cfg = Config.fromfile(str(config))
     assert cfg.model.backbone.type == "ELSASwin"
@@ -107,6 +104,19 @@ def test_train_then_test_with_and_without_tta_then_resume(tmp_path):
     assert len(losses(tmp_path / "resumed")) == 6  # iterations 7-12 only
 
 
+@pytest.mark.slow
+def test_mmseg_own_tools_train_and_test_our_config(tmp_path):
+    """Once the project is installed, mmseg's installed tools/train.py and tools/test.py take our configs."""
+    config = small_config(tmp_path, iters=4, ckpt=4)
+    work = tmp_path / "work"
+    r = run_upstream("mmseg", "train.py", [str(config), "--work-dir", str(work)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(losses(work)) == 4
+    r = run_upstream("mmseg", "test.py", [str(config), str(work / "iter_4.pth"), "--work-dir", str(work)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "mIoU" in r.stdout + r.stderr
+
+
 def test_bad_inputs(tmp_path):
     config = small_config(tmp_path)
     r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mIoU"])
@@ -114,3 +124,8 @@ def test_bad_inputs(tmp_path):
     torch.save({}, tmp_path / "x.pth")
     r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mAP"])
     assert r.returncode != 0 and "--eval mAP" in r.stderr
+    r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mIoU"])
+    assert r.returncode != 0 and "x.pth does not fit the model of" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
+    r = run_tool("seg", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"),
+                         "--cfg-options", "train_cfg.max_iters=-1"])
+    assert r.returncode != 0 and "error: train_cfg.max_iters=-1" in r.stderr.strip().splitlines()[-1]

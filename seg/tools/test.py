@@ -1,10 +1,6 @@
 #!/usr/bin/env python3
 """Evaluate a segmentor: python tools/test.py CONFIG CHECKPOINT [--aug-test] --eval mIoU"""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from elsa_mm.tools import add_plugin_path, check_metrics, load_config, test, test_parser  # noqa: E402
+from elsa_mm.tools import check_metrics, load_config, test, test_parser
 
 METRICS = ("mIoU", "mDice", "mFscore")
 
@@ -15,7 +11,6 @@ def add_aug_test(parser):
 
 
 if __name__ == "__main__":
-    add_plugin_path(__file__)
     args = test_parser(f"metrics to compute, any of {', '.join(METRICS)} (default: the config's)", add_aug_test).parse_args()
     cfg = load_config(args)
     if args.eval:

@@ -2,7 +2,9 @@
 # policy, AdamW lr 1e-4 / wd 0.05 without decay on norms and position tables, mixed precision.
 # Its names are prefixed elsa_ because mmengine forbids keys shared by two bases; the detector bases
 # below place them with {{_base_.elsa_...}}.
-custom_imports = dict(imports=['elsa_det'], allow_failed_imports=False)
+custom_imports = dict(imports=['elsa_mm'], allow_failed_imports=False)
+# Checkpoints that torch.load(weights_only=True) reads, with mmdet's own tools too.
+custom_hooks = [dict(type='SafeCheckpointHook')]
 
 elsa_backbone = dict(
     _delete_=True,

@@ -2,7 +2,9 @@
 # Swin's (mmseg's config this inherits): AdamW lr 6e-5 / wd 0.01 without decay on norms and position
 # tables, poly schedule after 1500 linear warm-up iterations, 2 images per GPU, FCN auxiliary head on stage 3.
 _base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
-custom_imports = dict(imports=['elsa_seg'], allow_failed_imports=False)
+custom_imports = dict(imports=['elsa_mm'], allow_failed_imports=False)
+# Checkpoints that torch.load(weights_only=True) reads, with mmseg's own tools too.
+custom_hooks = [dict(type='SafeCheckpointHook')]
 model = dict(
     backbone=dict(
         _delete_=True,

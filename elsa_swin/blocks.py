@@ -1,19 +1,20 @@
-"""One ELSA-Swin stage: patch merging, then ELSA blocks or Swin window-attention blocks.
+"""The ELSA-Swin building blocks: the ELSA transformer block, Swin's window block for inputs of any
+size, and one stage (patch merging, then blocks).
 
-Shared by the classifier (cls/models/elsa_swin.py) and the dense backbone, so that the architecture
-is written once. Tensors are NHWC, as in timm's Swin.
+Shared by the classifier (:mod:`elsa_swin.classifier`) and the dense backbone (:mod:`elsa_mm`), so that
+the architecture is written once. Tensors are NHWC, as in timm's Swin.
 """
-from typing import List, Tuple, Type, Union
+from typing import List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
-from timm.models._manipulate import checkpoint_seq
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor
 
-from .layers import ELSABlock
+from elsa_op import ELSAAttention
 
 
 def init_linear(m: nn.Module) -> None:
@@ -22,6 +23,52 @@ def init_linear(m: nn.Module) -> None:
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+class ELSABlock(nn.Module):
+    """Pre-norm transformer block with ELSA in place of window attention. x: Tensor[B, H, W, C].
+
+    As in the original ELSA-Swin, q * k is not scaled (qk_scale=1): the attention conv learns the scale.
+    Args are those of :class:`elsa_op.ELSAAttention`, plus the MLP's ``mlp_ratio`` and the block's
+    ``drop_path`` rate, activation and norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        group_width: int = 8,
+        lam: float = 0.0,
+        gamma: float = 1.0,
+        qk_scale: Optional[float] = 1.0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        elsa_backend: str = "kernels",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = ELSAAttention(
+            dim, num_heads, kernel_size=kernel_size, group_width=group_width, qkv_bias=qkv_bias,
+            qk_scale=qk_scale, lam=lam, gamma=gamma, attn_drop=attn_drop, proj_drop=proj_drop,
+            backend=elsa_backend, **dd,
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class PaddedWindowBlock(SwinTransformerBlock):
@@ -57,6 +104,7 @@ class ELSASwinStage(nn.Module):
         num_heads: attention heads.
         use_elsa: ELSA blocks if True, else Swin blocks with (shifted) window attention.
         window_size: Swin window. elsa_kernel, group_width, lam, gamma: see ELSAAttention.
+        elsa_backend: the ELSA operator's implementation, ``"kernels"`` or ``"reference"``.
         dense: window-attention blocks for inputs of any size (PaddedWindowBlock), as the detection and
             segmentation backbone needs; otherwise timm's block, whose window adapts to the input resolution.
         drop_path: one rate, or one per block.
@@ -83,19 +131,23 @@ class ELSASwinStage(nn.Module):
         drop_path: Union[List[float], float] = 0.0,
         norm_layer: Type[nn.Module] = nn.LayerNorm,
         dense: bool = False,
+        elsa_backend: str = "kernels",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.use_elsa = use_elsa
         self.input_resolution = input_resolution
         self.output_resolution = tuple((r + 1) // 2 for r in input_resolution) if downsample else input_resolution
         self.grad_checkpointing = False
-        self.downsample = PatchMerging(dim, out_dim, norm_layer=norm_layer) if downsample else nn.Identity()
+        self.downsample = PatchMerging(dim, out_dim, norm_layer=norm_layer, **dd) if downsample else nn.Identity()
         rates = drop_path if isinstance(drop_path, list) else [drop_path] * depth
-        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, norm_layer=norm_layer)
+        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, norm_layer=norm_layer, **dd)
         if use_elsa:
             blocks = [
                 ELSABlock(out_dim, num_heads, kernel_size=elsa_kernel, group_width=group_width, lam=lam, gamma=gamma,
-                          drop_path=rates[i], **common)
+                          drop_path=rates[i], elsa_backend=elsa_backend, **common)
                 for i in range(depth)
             ]
         else:

@@ -1,11 +1,11 @@
 """ELSA-Swin classifiers for timm: Swin Transformer with ELSA in stages 1-3.
 
-Importing this module registers ``elsa_swin_tiny/small/base`` (and the small ``elsa_swin_nano`` used by
+Importing this module (or the ``elsa_swin`` package) registers ``elsa_swin_tiny/small/base`` (and the small ``elsa_swin_nano`` used by
 the demo and tests) with timm, so ``timm.create_model('elsa_swin_tiny', ...)`` works.
 
 Published checkpoints of the original code load through :func:`checkpoint_filter_fn`, which maps its
 names (downsampling at the end of a stage, ``attn.pre_proj``/``post_proj``/``rb`` in the window
-attention, ``head.``) onto timm's layout.
+attention, the packed ghost kernels, ``head.``) onto timm's layout.
 """
 import re
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -17,13 +17,13 @@ from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates
 from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from elsa_op.checkpoint import map_original_names, unwrap_state_dict
-from elsa_op.swin_stage import ELSASwinStage, init_linear
+from .blocks import ELSASwinStage, init_linear
+from .checkpoint import map_original_names, unwrap_state_dict
 
-__all__ = ["ELSASwin", "checkpoint_filter_fn", "unwrap_state_dict"]
+__all__ = ["ELSASwinTransformer", "checkpoint_filter_fn"]
 
 
-class ELSASwin(nn.Module):
+class ELSASwinTransformer(nn.Module):
     """Swin Transformer whose stages listed in ``elsa_stages`` use ELSA blocks instead of window attention.
 
     Args:
@@ -34,6 +34,9 @@ class ELSASwin(nn.Module):
         group_width: channels per group of ELSA's attention conv. lam, gamma: ghost head (see ELSAAttention).
         elsa_stages: which stages use ELSA. Default: the first three.
         mlp_ratio, qkv_bias, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: as in timm's Swin.
+        elsa_backend: the ELSA operator's implementation, ``"kernels"`` (compiled) or ``"reference"``
+            (pure PyTorch). Default: ``"kernels"``.
+        device, dtype: where and in which dtype to create the parameters, as for every timm model.
     """
 
     def __init__(
@@ -59,11 +62,16 @@ class ELSASwin(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         norm_layer: type = nn.LayerNorm,
+        elsa_backend: str = "kernels",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if len(depths) != len(num_heads) or len(depths) != len(elsa_stages):
             raise ValueError(f"depths, num_heads and elsa_stages need one entry per stage: {depths=} {num_heads=} {elsa_stages=}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.output_fmt = "NHWC"
         self.num_layers = len(depths)
@@ -74,7 +82,7 @@ class ELSASwin(nn.Module):
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            norm_layer=norm_layer, strict_img_size=False, output_fmt="NHWC",
+            norm_layer=norm_layer, strict_img_size=False, output_fmt="NHWC", **dd,
         )
         grid = self.patch_embed.grid_size
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, grouped by stage
@@ -89,17 +97,15 @@ class ELSASwin(nn.Module):
                 depth=depths[i], downsample=i > 0, num_heads=num_heads[i], use_elsa=elsa_stages[i],
                 window_size=window_size, elsa_kernel=elsa_kernel, group_width=group_width, lam=lam, gamma=gamma,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], norm_layer=norm_layer,
+                drop_path=dpr[i], norm_layer=norm_layer, elsa_backend=elsa_backend, **dd,
             ))
             in_dim = out_dim
             self.feature_info.append(dict(num_chs=out_dim, reduction=patch_size * 2**i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*layers)
-        self.norm = norm_layer(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                   input_fmt="NHWC", **dd)
         self.apply(init_linear)
-        for m in self.modules():
-            if hasattr(m, "reset_ghost_head"):
-                m.reset_ghost_head()
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the window-attention masks for another input size (e.g. fine-tuning at 384)."""
@@ -111,7 +117,7 @@ class ELSASwin(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n or "ghost_head" in n}
+        return {n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "ghost_mul", "ghost_add"))}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -186,18 +192,18 @@ class ELSASwin(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ELSASwin) -> Dict[str, torch.Tensor]:
-    """Map a checkpoint of the original ELSA code (or of ours, unchanged) onto :class:`ELSASwin`."""
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ELSASwinTransformer) -> Dict[str, torch.Tensor]:
+    """Map a checkpoint of the original ELSA code (or of ours, unchanged) onto :class:`ELSASwinTransformer`."""
     state_dict = unwrap_state_dict(state_dict)
     if "layers.0.downsample.reduction.weight" in state_dict:  # the original's layout
         state_dict = {re.sub(r"^head\.", "head.fc.", k): v for k, v in state_dict.items()}
     return map_original_names(state_dict, model)
 
 
-def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSASwin:
+def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
     return build_model_with_cfg(
-        ELSASwin, variant, pretrained,
+        ELSASwinTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
@@ -225,28 +231,28 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model
-def elsa_swin_nano(pretrained: bool = False, **kwargs) -> ELSASwin:
+def elsa_swin_nano(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
     """A narrow ELSA-Swin (embed 32, depths 2-2-2-2) for demos and tests; not a published model."""
     args = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4)
     return _create_elsa_swin("elsa_swin_nano", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def elsa_swin_tiny(pretrained: bool = False, **kwargs) -> ELSASwin:
+def elsa_swin_tiny(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
     """ELSA-Swin-T, 29M parameters, 82.7% ImageNet-1k top-1 (paper)."""
     args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), group_width=4)
     return _create_elsa_swin("elsa_swin_tiny", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def elsa_swin_small(pretrained: bool = False, **kwargs) -> ELSASwin:
+def elsa_swin_small(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
     """ELSA-Swin-S, 53M parameters, 83.5% ImageNet-1k top-1 (paper)."""
     args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
     return _create_elsa_swin("elsa_swin_small", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def elsa_swin_base(pretrained: bool = False, **kwargs) -> ELSASwin:
+def elsa_swin_base(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
     """ELSA-Swin-B, 93M parameters, 84.0% ImageNet-1k top-1 (paper)."""
     args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
     return _create_elsa_swin("elsa_swin_base", pretrained=pretrained, **dict(args, **kwargs))

@@ -1,8 +1,0 @@
-"""mmsegmentation plugin: registers the ELSA-Swin backbone (configs load it with ``custom_imports``)."""
-from mmseg.registry import MODELS
-
-from elsa_mm import ELSASwin
-
-MODELS.register_module(module=ELSASwin, force=False)
-
-__all__ = ["ELSASwin"]

@@ -1,0 +1,236 @@
+"""cls: bad data, bad checkpoints, bad options and kills never give silently wrong numbers or lost runs."""
+import errno
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import elsa_swin  # noqa: F401
+from cls_helpers import CLS, TRAIN_ARGS, read_summary, run, write_digits
+
+
+def image_folder(root: Path, splits: dict, size: int = 32) -> Path:
+    """splits: {"train": {"cat": 3, ...}, "val": {...}}: that many distinct images per class."""
+    for split, classes in splits.items():
+        for k, (name, n) in enumerate(classes.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), (40 * k, 20 * i, 128)).save(folder / f"{i}.png")
+    return root
+
+
+def last_line(r: subprocess.CompletedProcess) -> str:
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+# ---- labels -------------------------------------------------------------------------------------
+def test_val_split_is_labelled_through_train_classes(tmp_path):
+    from elsa_cls.data import ImageFolderDataset
+
+    data = image_folder(tmp_path, {"train": {"a": 1, "b": 1, "c": 1}, "val": {"a": 1, "c": 2}})
+    train = ImageFolderDataset(data / "train")
+    val = ImageFolderDataset(data / "val", class_names=train.class_names)
+    assert [t for _, t in val.samples] == [0, 2, 2]  # "c" keeps its label 2, though val has no "b"
+
+
+def test_val_class_unknown_to_train_is_refused_at_start(tmp_path):
+    data = image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1, "zebra": 1}})
+    r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "--output", str(tmp_path / "o")])
+    assert r.returncode != 0
+    assert "has class folders the model does not know: zebra" in last_line(r), r.stderr[-2000:]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pth.tar"))
+
+
+def test_validate_refuses_folders_that_do_not_line_up(tmp_path):
+    data = image_folder(tmp_path / "d", {"val": {"a": 1, "b": 1, "c": 1}})
+    r = run(["validate.py", str(data), "--model", "elsa_swin_nano", "--num-classes", "4", "--img-size", "32", "-j", "0"])
+    assert r.returncode != 0 and "has 3 class folders but the model has 4 classes" in last_line(r), r.stderr[-2000:]
+
+
+def test_unreadable_val_image_is_left_out_not_counted_twice(tmp_path):
+    data = image_folder(tmp_path / "d", {"val": {"a": 2, "b": 1}})
+    (data / "val" / "a" / "0.png").write_bytes(b"not an image")
+    results = tmp_path / "r.json"
+    r = run(["validate.py", str(data), "--model", "elsa_swin_nano", "--num-classes", "2", "--img-size", "32", "-j", "0",
+             "--results-file", str(results)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(results.read_text())["images"] == 2
+    assert "0.png: cannot be read" in r.stderr and "left out of the evaluation" in r.stderr
+
+
+def test_images_that_need_care(tmp_path):
+    from elsa_cls.data import ImageReadError, load_image
+
+    deep = np.full((8, 8), 20000, dtype=np.uint16)  # about 30% grey in 16 bits
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert abs(int(np.asarray(load_image(tmp_path / "deep.png"))[0, 0, 0]) - 20000 * 255 // 65535) <= 1
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "t.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "t.jpg").read_bytes()[:300])
+    with pytest.raises(ImageReadError, match=f"{tmp_path / 'cut.jpg'}: cannot be read"):
+        load_image(tmp_path / "cut.jpg")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 1000  # the same check that stops a 20000x20000 image
+        with pytest.raises(ImageReadError, match=f"{tmp_path / 't.jpg'}: too many pixels"):
+            load_image(tmp_path / "t.jpg")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_symlink_loop_is_refused(tmp_path):
+    data = image_folder(tmp_path / "d", {"train": {"a": 1}, "val": {"a": 1}})
+    (data / "train" / "a" / "loop").symlink_to(data / "train")
+    r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "--output", str(tmp_path / "o")])
+    assert r.returncode != 0 and "symlink loop" in last_line(r), r.stderr[-2000:]
+
+
+# ---- options --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,message", [
+    (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+    (["--resume", "/nonexistent/last.pth.tar"], "error: checkpoint /nonexistent/last.pth.tar does not exist"),
+    (["-c", "CONFIG"], "unknown options weight_decy"),
+    (["-c", "/nonexistent.yaml"], "error: -c /nonexistent.yaml: no such file"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, extra, message):
+    data = image_folder(tmp_path / "d", {"train": {"a": 1}, "val": {"a": 1}})
+    (tmp_path / "c.yaml").write_text("weight_decy: 0.1\nepochs: 2\n")
+    extra = [str(tmp_path / "c.yaml") if e == "CONFIG" else e for e in extra]
+    r = run(["train.py", str(data), *TRAIN_ARGS, *extra, "--output", str(tmp_path / "o")])
+    assert r.returncode != 0 and message in last_line(r), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    data = image_folder(tmp_path / "d", {"train": {"a": 1}, "val": {"a": 1}})
+    path = tmp_path / "cut.pth.tar"
+    torch.save({"state_dict": timm.create_model("elsa_swin_nano").state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    r = run(["validate.py", str(data), "--model", "elsa_swin_nano", "--checkpoint", str(path), "-j", "0"])
+    assert r.returncode != 0 and f"error: checkpoint {path} is truncated" in last_line(r), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def test_initial_checkpoint_that_fits_nothing_is_refused(tmp_path):
+    data = image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    weights = timm.create_model("elsa_swin_nano", num_classes=2).state_dict()
+    for name, state in (("empty.pth", {}), ("prefixed.pth", {f"encoder.{k}": v for k, v in weights.items()})):
+        torch.save(state, tmp_path / name)
+        r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "--output", str(tmp_path / "o"),
+                 "--initial-checkpoint", str(tmp_path / name)])
+        assert r.returncode != 0 and f"{tmp_path / name} holds no weights of elsa_swin_nano" in last_line(r), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_initial_checkpoint_of_another_class_count_resets_the_head(tmp_path):
+    data = image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    pretrained = timm.create_model("elsa_swin_nano", num_classes=10)
+    torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "p.pth")
+    r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "-b", "2", "--lr", "0", "--warmup-lr", "0",
+             "--output", str(tmp_path / "o"), "--experiment", "ft", "--initial-checkpoint", str(tmp_path / "p.pth")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "its classifier has 10 classes, the model 2: the classifier (head.fc) starts from scratch" in r.stderr
+    tuned = torch.load(tmp_path / "o" / "ft" / "last.pth.tar", weights_only=False)["state_dict"]
+    torch.testing.assert_close(tuned["patch_embed.proj.weight"], pretrained.state_dict()["patch_embed.proj.weight"])
+    assert tuned["head.fc.weight"].shape == (2, 256)
+
+
+def test_reusing_a_run_folder_without_resume_is_refused(tmp_path):
+    data = image_folder(tmp_path / "d", {"train": {"a": 1}, "val": {"a": 1}})
+    run_dir = tmp_path / "o" / "x"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.csv").write_text("epoch\n0\n")
+    r = run(["train.py", str(data), *TRAIN_ARGS, "--output", str(tmp_path / "o"), "--experiment", "x"])
+    assert r.returncode != 0 and "already holds a run (summary.csv)" in last_line(r), r.stderr[-2000:]
+
+
+# ---- writes -----------------------------------------------------------------------------------------
+def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    import os
+
+    from elsa_swin import files
+
+    path = tmp_path / "last.pth.tar"
+    files.atomic_torch_save({"epoch": 1}, path)
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(bytes(data)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(files.NoSpaceError, match=f"no space left on {tmp_path} while writing last.pth.tar"):
+        files.atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth.tar"]
+
+
+# Kills this training process at the N-th os.replace: right before a file would take its final name.
+_KILL_AT_NTH_REPLACE = """
+import os, signal, sys
+real, calls = os.replace, [0]
+def replace(src, dst):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+from elsa_cls.train import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_kills_while_saving_lose_nothing(tmp_path):
+    """SIGKILL at several points of the saves, each time resuming: the run still ends with a loadable
+    last.pth.tar, one summary row per epoch, and model_best the best epoch of the whole run."""
+    data = write_digits(tmp_path / "digits", per_class=6, val_per_class=3)
+    out, epochs = tmp_path / "out", 4
+    args = [str(data), *TRAIN_ARGS, "-b", "8", "--epochs", str(epochs), "--output", str(out), "--experiment", "run",
+            "--checkpoint-hist", "2"]
+    last = out / "run" / "last.pth.tar"
+    kills = 0
+    for nth in (3, 5, 2, 4, 6, 0):  # 0: no kill, finish the run
+        resume = ["--resume", str(last)] if last.exists() else []
+        r = subprocess.run([sys.executable, "-c", _KILL_AT_NTH_REPLACE, str(nth), *args, *resume], cwd=CLS,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode == -signal.SIGKILL:
+            kills += 1
+            if last.exists():
+                torch.load(last, weights_only=False)  # whole after every kill
+            continue
+        assert r.returncode == 0, r.stderr[-3000:]
+        if nth == 0 or torch.load(last, weights_only=False)["epoch"] == epochs - 1:
+            break
+    assert kills >= 4
+    final = torch.load(last, weights_only=False)
+    assert final["epoch"] == epochs - 1
+    rows = read_summary(out / "run" / "summary.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))
+    top1 = [float(r["eval_top1"]) for r in rows]
+    best = torch.load(out / "run" / "model_best.pth.tar", weights_only=False)
+    assert best["epoch"] == top1.index(max(top1)) and best["metric"] == max(top1)
+    kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in (out / "run").glob("checkpoint-*.pth.tar"))
+    assert len(kept) == 2 and kept == sorted(sorted(range(epochs), key=lambda e: (-top1[e], e))[:2])
+    assert not list((out / "run").glob(".*.tmp"))
