@@ -1,13 +1,16 @@
 """ELSA-Swin for OpenMMLab (mmdetection 3.x and mmsegmentation 1.x).
 
-Importing it registers the dense backbone ``ELSASwin`` in mmengine's root ``MODELS`` registry and
-``SafeCheckpointHook`` in its root ``HOOKS`` registry (mmdet's and mmseg's registries search both);
-configs load it with
+Importing it registers the dense backbone ``ELSASwin`` in mmengine's root ``MODELS`` registry,
+``SafeCheckpointHook`` in its root ``HOOKS`` registry (mmdet's and mmseg's registries search both), and
+the ELSA operator's FLOP count in mmengine's complexity analysis; configs load it with
 ``custom_imports=dict(imports=['elsa_mm'])``. It changes nothing else: making mmengine checkpoints
 loadable and their writes atomic are explicit calls (:mod:`elsa_mm.compat`).
 """
 from .backbone import ELSASwin
 from .compat import allow_mmengine_checkpoints, write_checkpoints_atomically
+from .flops import register_flop_handles
 from .hooks import SafeCheckpointHook
+
+register_flop_handles()
 
 __all__ = ["ELSASwin", "SafeCheckpointHook", "allow_mmengine_checkpoints", "write_checkpoints_atomically"]

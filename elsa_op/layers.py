@@ -7,6 +7,10 @@ from torch import Tensor
 
 from .ops import BACKENDS, elsa_function
 
+# FX tracing (timm's feature_cls="fx", torchvision's create_feature_extractor) keeps the operator as one
+# call node instead of tracing into its argument checks.
+torch.fx.wrap("elsa_function")
+
 
 class ELSAAttention(nn.Module):
     """Enhanced local self-attention: Hadamard attention plus a ghost head.
@@ -106,7 +110,15 @@ class ELSAAttention(nn.Module):
         attn = self.attn_drop(logits.softmax(dim=-1)).permute(0, 3, 4, 1, 2)
         ghost_mul = self.ghost_mul ** self.lam if self.ghost_mul is not None else None
         ghost_add = self.ghost_add * self.gamma if self.ghost_add is not None else None
-        x = elsa_function(v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation, backend=self.backend)
+        if torch.jit.is_scripting():
+            # TorchScript calls the registered operator directly (elsa_function's checks are Python only;
+            # the arguments made here always pass them).
+            ghost_mul = ghost_mul.to(v.dtype) if ghost_mul is not None else None
+            ghost_add = ghost_add.to(v.dtype) if ghost_add is not None else None
+            x = torch.ops.elsa_op.elsa_forward(v, attn, ghost_mul, ghost_add, K, self.dilation, 1)
+        else:
+            x = elsa_function(v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation,
+                              backend=self.backend)
         x = self.post_proj(x.permute(0, 2, 3, 1))
         return self.proj_drop(x)
 

@@ -161,3 +161,32 @@ def test_torch_compile_whole_model_inductor():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_behaves_like_every_timm_model():
+    """device= / dtype=, in_chans, the meta device, reset_classifier, FX feature extraction (timm's and
+    torchvision's) and TorchScript, as timm's own Swin."""
+    from timm.models import FeatureGraphNet
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = timm.create_model("elsa_swin_nano", img_size=64, device="cpu", dtype=torch.float64).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float64} and model.in_chans == 3
+    model.reset_classifier(5)
+    assert model.head.fc.weight.dtype == torch.float64 and model.head.fc.out_features == 5
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+        _, feats = model.forward_intermediates(x)
+        fx = FeatureGraphNet(model, out_indices=(0, 1, 2, 3)).eval()  # what feature_cls="fx" builds
+        for got, want in zip(fx(x), feats):
+            torch.testing.assert_close(got.permute(0, 3, 1, 2), want)
+        tv = create_feature_extractor(model, return_nodes=["layers.1", "layers.3"])
+        torch.testing.assert_close(tv(x)["layers.3"].permute(0, 3, 1, 2), feats[3])
+        scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x), logits)
+    with torch.device("meta"):
+        meta = timm.create_model("elsa_swin_tiny")
+        assert meta(torch.empty(2, 3, 224, 224)).shape == (2, 1000)
+    features = timm.create_model("elsa_swin_nano", img_size=64, features_only=True, feature_cls="fx")
+    assert [f.shape[-1] for f in features(x.float())] == [32, 64, 128, 256]

@@ -233,3 +233,15 @@ def test_pretrained_option_and_frozen_stages(tmp_path):
     feats = model(torch.randn(1, 3, 61, 93))  # any size, padded inside
     sum(f.sum() for f in feats).backward()
     assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+
+def test_mmengine_complexity_analysis_counts_the_elsa_op():
+    """get_model_complexity_info (mmdet's get_flops.py) counts the op's multiply-adds."""
+    from mmengine.analysis import FlopAnalyzer
+
+    from elsa_mm import ELSASwin
+
+    backbone = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4).eval()
+    counts = FlopAnalyzer(backbone, torch.randn(1, 3, 64, 64)).by_operator()
+    # two ELSA blocks per stage at 16x16x32, 8x8x64, 4x4x128; 7x7 taps; additive ghost kernel only
+    assert counts["elsa_forward"] == 2 * 49 * (16 * 16 * 32 + 8 * 8 * 64 + 4 * 4 * 128)

@@ -399,3 +399,27 @@ def test_cuda_gradcheck_and_opcheck():
     fn = lambda *t: elsa_function(*t, kernel_size=5, dilation=2, stride=2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, h, m, a), eps=1e-6, atol=1e-7)
     torch.library.opcheck(torch.ops.elsa_op.elsa_forward.default, (x, h, m, a, 5, 2, 2))
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("ghost", [None, "broadcast"])
+def test_flop_counter_counts_the_multiply_adds(ghost):
+    """FlopCounterMode sees the op, forward and backward; the count equals two FLOPs per multiply-add of
+    the definition, counted here by walking its index space."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, C, H, W, G, K, s = 2, 6, 7, 9, 3, 3, 2
+    x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, stride=s, ghost=ghost)
+    Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
+    products = sum(1 for _ in itertools.product(range(B), range(C), range(Ho), range(Wo), range(K), range(K)))
+    weighting = products if m is not None else 0  # m * h + a: one multiply-add per tap with a multiplicative kernel
+    with FlopCounterMode(display=False) as counter:
+        out = elsa_function(x, h, m, a, kernel_size=K, stride=s)
+    assert counter.get_total_flops() == 2 * (products + weighting)
+    live = [t for t in (x, h, m, a) if t is not None]
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(out.sum(), live)
+    counts = {str(op).split(".")[-1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts["elsa_backward_features"] == counts["elsa_backward_attn"] == 2 * (products + weighting)
+    if ghost:  # d/dm: go * x * h (two products per tap), d/da: go * x (one)
+        assert counts["elsa_backward_ghost"] == 2 * (2 * products + products)

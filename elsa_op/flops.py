@@ -1,0 +1,51 @@
+"""Multiply-add counts of the ELSA operators, so that FLOP counters see them.
+
+Registered with ``torch.utils.flop_counter`` (``FlopCounterMode`` counts forward and backward, two FLOPs
+per multiply-add as for convolutions). mmengine's ``get_model_complexity_info`` (mmdet's and mmseg's
+``get_flops.py``) counts multiply-adds with its own handles: ``elsa_mm`` registers :func:`elsa_forward_macs`
+there.
+
+With N = B * C * Ho * Wo output elements and K * K taps, each element takes K * K products with the
+features, and with a multiplicative ghost kernel K * K more to weight the attention (``m * h + a``: the
+additive kernel is an add, not counted, as a convolution's bias is not):
+
+- forward, grad of the features, grad of the attention: N * K * K * (1 + has_ghost_mul)
+- grad of the ghost kernels: N * K * K * (need_add + 2 * need_mul)
+"""
+import math
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+_ops = torch.ops.elsa_op
+
+
+def _taps(out_shape, kernel_size: int) -> int:
+    return math.prod(out_shape) * kernel_size * kernel_size
+
+
+def elsa_forward_macs(out_shape, kernel_size: int, has_ghost_mul: bool) -> int:
+    """Multiply-adds of one forward call whose output has ``out_shape`` ([B, C, Ho, Wo])."""
+    return _taps(out_shape, kernel_size) * (1 + bool(has_ghost_mul))
+
+
+@register_flop_formula(_ops.elsa_forward)
+def _forward_flops(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride, out_shape=None, **kwargs):
+    return 2 * elsa_forward_macs(out_shape, kernel_size, ghost_mul is not None)
+
+
+@register_flop_formula(_ops.elsa_backward_features)
+def _backward_features_flops(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size, dilation, stride,
+                             out_shape=None, **kwargs):
+    return 2 * elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None)
+
+
+@register_flop_formula(_ops.elsa_backward_attn)
+def _backward_attn_flops(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride, out_shape=None, **kwargs):
+    return 2 * elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None)
+
+
+@register_flop_formula(_ops.elsa_backward_ghost)
+def _backward_ghost_flops(grad_out, features, h_attn, groups, kernel_size, dilation, stride, batched, need_mul,
+                          need_add, out_shape=None, **kwargs):
+    return 2 * _taps(grad_out, kernel_size) * (int(need_add) + 2 * int(need_mul))
