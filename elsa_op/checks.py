@@ -8,11 +8,18 @@ from torch import Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_positive_int(name: str, value: int) -> None:
+# The kernels' bounds (elsa_common.h): every size and offset computation stays inside int64.
+MAX_KERNEL_SIZE = 2**15
+MAX_DILATION_OR_STRIDE = 2**31 - 1
+
+
+def _check_positive_int(name: str, value: int, largest: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {name}={value}")
+    if value > largest:
+        raise ValueError(f"{name} must be at most {largest}, got {name}={value}")
 
 
 def check_elsa_args(
@@ -25,11 +32,11 @@ def check_elsa_args(
     stride: int,
 ) -> None:
     """Raises TypeError/ValueError for anything the kernels cannot take (see elsa_function)."""
-    _check_positive_int("kernel_size", kernel_size)
+    _check_positive_int("kernel_size", kernel_size, MAX_KERNEL_SIZE)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got kernel_size={kernel_size}")
-    _check_positive_int("dilation", dilation)
-    _check_positive_int("stride", stride)
+    _check_positive_int("dilation", dilation, MAX_DILATION_OR_STRIDE)
+    _check_positive_int("stride", stride, MAX_DILATION_OR_STRIDE)
 
     named = {"features": features, "h_attn": h_attn, "ghost_mul": ghost_mul, "ghost_add": ghost_add}
     for name, t in named.items():
@@ -46,9 +53,9 @@ def check_elsa_args(
 
     if features.dim() != 4:
         raise ValueError(f"features must be 4-D [B, C, H, W], got {features.shape=}")
-    if features.numel() == 0:
-        raise ValueError(f"features must not be empty, got {features.shape=}")
     B, C, H, W = features.shape
+    if min(C, H, W) == 0:  # an empty batch is fine: empty results, as for convolutions
+        raise ValueError(f"features must have channels and pixels, got {features.shape=}")
     KK = kernel_size * kernel_size
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
 

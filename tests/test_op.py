@@ -347,7 +347,10 @@ def _bad(**change):
     "change,exc,match",
     [
         (dict(features=torch.randn(6, 7, 9)), ValueError, "features must be 4-D"),
-        (dict(features=torch.randn(0, 6, 7, 9)), ValueError, "features must not be empty"),
+        (dict(features=torch.randn(2, 6, 0, 9)), ValueError, "features must have channels and pixels"),
+        (dict(dilation=2**62), ValueError, "dilation must be at most 2147483647"),
+        (dict(stride=2**63 - 1), ValueError, "stride must be at most 2147483647"),
+        (dict(kernel_size=2**15 + 1), ValueError, "kernel_size must be at most 32768"),
         (dict(h_attn=torch.randn(2, 3, 9, 7)), ValueError, "h_attn must have shape"),
         (dict(h_attn=torch.randn(2, 9, 7)), ValueError, "h_attn must be"),
         (dict(h_attn=torch.randn(2, 4, 9, 7, 9)), ValueError, "divisible"),
@@ -368,6 +371,34 @@ def _bad(**change):
 def test_bad_input(change, exc, match):
     with pytest.raises(exc, match=match):
         elsa_function(**_bad(**change))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_batch_gives_empty_results(layout):
+    """As nn.Conv2d: a batch of 0 gives an empty output and gradients (zero for broadcast kernels)."""
+    x, h, m, a = make_inputs(B=0, C=6, H=5, W=4, G=3, K=3)
+    if layout == "channels_last":
+        x, h = channels_last(x, h)
+    out = elsa_function(x, h, m, a, kernel_size=3)
+    assert out.shape == (0, 6, 5, 4)
+    gx, gh, gm, ga = torch.autograd.grad(out.sum(), (x, h, m, a))
+    assert gx.shape == x.shape and gh.shape == h.shape
+    assert torch.equal(gm, torch.zeros(6, 3, 3, dtype=gm.dtype)) and torch.equal(ga, torch.zeros_like(ga))
+
+
+def test_dilation_far_beyond_the_image():
+    """Only the centre tap lands in a 4x4 image at dilation 1200: no padding grows with the dilation."""
+    x, h, m, a = make_inputs(B=1, C=4, H=4, W=4, G=2, K=7, grad=False)
+    out = elsa_function(x, h, m, a, kernel_size=7, dilation=1200)
+    centre = 24
+    weight = h[:, :, centre].repeat_interleave(2, dim=1) * m[:, 3, 3, None, None] + a[:, 3, 3, None, None]
+    torch.testing.assert_close(out, x * weight)
+
+
+def test_meta_tensors():
+    x, h, m, a = (t.to("meta") for t in make_inputs(grad=False, stride=2))
+    out = elsa_function(x, h, m, a, kernel_size=3, stride=2)
+    assert out.device.type == "meta" and out.shape == (2, 6, 4, 5)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------

@@ -17,13 +17,22 @@ struct ElsaGeometry {
   int64_t channels_per_group() const { return C / G; }
 };
 
+// Bounds that keep every size and offset computation inside int64 (the window reaches K / 2 * dilation
+// past the image, and output positions times the stride stay below the image size plus the stride).
+constexpr int64_t kMaxKernelSize = int64_t(1) << 15;
+constexpr int64_t kMaxDilationOrStride = (int64_t(1) << 31) - 1;
+
 inline ElsaGeometry make_geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t G, int64_t K,
                                   int64_t dilation, int64_t stride) {
-  TORCH_CHECK(K > 0 && K % 2 == 1, "elsa: kernel_size must be a positive odd integer, got ", K);
-  TORCH_CHECK(dilation > 0, "elsa: dilation must be positive, got ", dilation);
-  TORCH_CHECK(stride > 0, "elsa: stride must be positive, got ", stride);
+  TORCH_CHECK(K > 0 && K % 2 == 1 && K <= kMaxKernelSize,
+              "elsa: kernel_size must be a positive odd integer up to ", kMaxKernelSize, ", got ", K);
+  TORCH_CHECK(dilation > 0 && dilation <= kMaxDilationOrStride, "elsa: dilation must lie in [1, ",
+              kMaxDilationOrStride, "], got ", dilation);
+  TORCH_CHECK(stride > 0 && stride <= kMaxDilationOrStride, "elsa: stride must lie in [1, ", kMaxDilationOrStride,
+              "], got ", stride);
   TORCH_CHECK(G > 0 && C % G == 0, "elsa: channels (", C, ") must be divisible by groups (", G, ")");
-  TORCH_CHECK(B > 0 && C > 0 && H > 0 && W > 0, "elsa: empty input of shape [", B, ", ", C, ", ", H,
+  // An empty batch is allowed (empty results, as for convolutions); empty images are not.
+  TORCH_CHECK(B >= 0 && C > 0 && H > 0 && W > 0, "elsa: empty input of shape [", B, ", ", C, ", ", H,
               ", ", W, "]");
   return ElsaGeometry{B, C, H, W, G, K, dilation, stride, (H - 1) / stride + 1, (W - 1) / stride + 1};
 }

@@ -143,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, co
     });
     // sum[u, c, t] = sum of part[blk, t, c] over the blocks of unit u (one image, or all of them).
     const int64_t blocks_per_unit = blocks / units;
-    for (auto [part, sum] : {std::pair{pm, &sum_mul}, std::pair{pa, &sum_add}}) {
-      if (part == nullptr) continue;
+    // (Asked for by flag: an empty batch has no blocks, so its parts may have no storage, and its sums are 0.)
+    for (auto [needed, part, sum] : {std::tuple{need_mul, pm, &sum_mul}, std::tuple{need_add, pa, &sum_add}}) {
+      if (!needed) continue;
       double* dst = sum->mutable_data_ptr<double>();
       at::parallel_for(0, units * table, 1024, [&](int64_t begin, int64_t end) {
         for (int64_t e = begin; e < end; ++e) {

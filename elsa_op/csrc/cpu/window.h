@@ -1,4 +1,4 @@
-// Window arithmetic shared by the NCHW and the channels-last CPU kernels. Plain C++, so that every
+// Window arithmetic of the channels-last CPU kernels. Plain C++, so that every
 // instruction-set build of the channels-last kernels can use it (see nhwc_kernels.h).
 #pragma once
 

@@ -180,7 +180,7 @@ at::Tensor forward_cuda(const at::Tensor& features, const at::Tensor& h_attn,
   auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options());
   const int64_t n = out.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  ELSA_DISPATCH(x.scalar_type(), "elsa_forward_cuda", [&] {
+  if (n > 0) ELSA_DISPATCH(x.scalar_type(), "elsa_forward_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         Geom(g), x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(m),
         ghost_batch_stride(m, g), data_or_null<scalar_t>(a), ghost_batch_stride(a, g), out.mutable_data_ptr<scalar_t>());
@@ -202,7 +202,7 @@ at::Tensor backward_features_cuda(const at::Tensor& grad_out, const at::Tensor& 
   auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options());
   const int64_t n = gx.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  ELSA_DISPATCH(go.scalar_type(), "elsa_backward_features_cuda", [&] {
+  if (n > 0) ELSA_DISPATCH(go.scalar_type(), "elsa_backward_features_cuda", [&] {
     backward_features_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         Geom(g), go.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(m),
         ghost_batch_stride(m, g), data_or_null<scalar_t>(a), ghost_batch_stride(a, g), gx.mutable_data_ptr<scalar_t>());
@@ -221,7 +221,7 @@ at::Tensor backward_attn_cuda(const at::Tensor& grad_out, const at::Tensor& feat
   auto gh = at::empty({g.B, g.G, g.kk(), g.Ho, g.Wo}, go.options());
   const int64_t n = gh.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  ELSA_DISPATCH(go.scalar_type(), "elsa_backward_attn_cuda", [&] {
+  if (n > 0) ELSA_DISPATCH(go.scalar_type(), "elsa_backward_attn_cuda", [&] {
     backward_attn_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         Geom(g), go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(m),
         ghost_batch_stride(m, g), gh.mutable_data_ptr<scalar_t>());
@@ -241,8 +241,9 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_cuda(const at::Tensor& grad_ou
   const auto h = need_mul ? h_attn->contiguous() : at::Tensor();
   at::Tensor gm, ga;
   std::tie(gm, ga) = empty_ghost_grads(g, batched, need_mul, need_add, go.options());
-  if (!need_mul && !need_add) return {gm, ga};
   const int64_t blocks = (batched ? g.B * g.C : g.C) * g.kk();
+  // (An empty batch still launches for broadcast kernels: each block writes its sum of nothing, 0.)
+  if ((!need_mul && !need_add) || blocks == 0) return {gm, ga};
   TORCH_CHECK(blocks < (int64_t(1) << 31), "elsa: too many ghost kernels for one launch");
   const auto stream = at::cuda::getCurrentCUDAStream();
   ELSA_DISPATCH(go.scalar_type(), "elsa_backward_ghost_cuda", [&] {
