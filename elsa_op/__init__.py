@@ -14,7 +14,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
         "(or run `bash run.sh setup`, which sets everything up)."
     ) from e
 
-from . import flops  # noqa: F401  (FLOP formulas of the operators for torch.utils.flop_counter)
+from . import export, flops  # noqa: F401  (the op's decomposition for exporters, its FLOP formulas)
 from .checks import check_elsa_args
 from .layers import ELSAAttention
 from .ops import BACKENDS, elsa_function

@@ -1,0 +1,82 @@
+"""Export an ELSA-Swin classifier to ONNX with a dynamic batch axis, then check the file with onnxruntime
+against PyTorch on the same input (``tools/export_onnx.py``).
+
+    python tools/export_onnx.py --model elsa_swin_tiny --checkpoint elsa_swin_tiny.safetensors -o elsa_swin_tiny.onnx
+
+It is plain ``torch.onnx.export(model, x, path, dynamo=True)``: importing ``elsa_op`` registers how the
+ELSA operator is written in standard ONNX operators (:mod:`elsa_op.export`).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from .classifier import checkpoint_filter_fn
+
+
+def export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
+    """Write ``model`` (in eval mode) as ONNX, its input's batch axis dynamic."""
+    batch = torch.export.Dim("batch", min=1)  # traced at batch 2: a batch of 1 would be specialised
+    program = torch.onnx.export(model.eval(), (x,), dynamo=True, dynamic_shapes=({0: batch},),
+                                input_names=["image"], output_names=["output"], verbose=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+
+
+def check(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's outputs on ``x``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(x)
+    return float((torch.from_numpy(got) - want).abs().max())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="elsa_swin_tiny", help="timm model name")
+    parser.add_argument("--checkpoint", default="", help="weights (ours, the original's, .safetensors); default: random")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint, else 1000")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--check-batch", type=int, default=3,
+                        help="batch of the onnxruntime check (the export traces batch 2; the axis is dynamic)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest difference the check accepts")
+    args = parser.parse_args(argv)
+    import elsa_swin  # noqa: F401  (registers the models)
+
+    state = None
+    if args.checkpoint:
+        try:
+            state = unwrap_state_dict(load_checkpoint_file(args.checkpoint))
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    num_classes = args.num_classes
+    if num_classes is None and state is not None:
+        head = next((state[k] for k in ("head.fc.weight", "head.weight") if k in state), None)
+        num_classes = head.shape[0] if head is not None else None
+    try:
+        model = timm.create_model(args.model, img_size=args.img_size, num_classes=num_classes or 1000).eval()
+    except RuntimeError as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 1
+    if state is not None:
+        missing, unexpected = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+        if missing or unexpected:
+            print(f"error: {args.checkpoint} does not fit {args.model}: missing {missing[:5]}, unexpected "
+                  f"{unexpected[:5]}", file=sys.stderr)
+            return 1
+    torch.manual_seed(0)
+    export(model, torch.randn(2, 3, args.img_size, args.img_size), args.output)
+    diff = check(model, args.output, torch.randn(args.check_batch, 3, args.img_size, args.img_size))
+    print(f"wrote {args.output}; onnxruntime vs PyTorch, batch {args.check_batch}: max abs difference {diff:.3g}")
+    if diff > args.atol:
+        print(f"error: the difference is above --atol {args.atol}", file=sys.stderr)
+        return 1
+    return 0
