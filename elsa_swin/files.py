@@ -17,6 +17,13 @@ class NoSpaceError(OSError):
     """The disk filled up while writing; the previous file was kept."""
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets (mkstemp's temporary files are 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -31,6 +38,7 @@ def atomic_write_bytes(path: PathLike, data: Union[bytes, memoryview]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -162,6 +162,9 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
 
     path = tmp_path / "last.pth.tar"
     files.atomic_torch_save({"epoch": 1}, path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not the temporary file's 0600
     real_fdopen = os.fdopen
 
     class Full:
