@@ -63,7 +63,13 @@ case "$cmd" in
       --output ../output --experiment digits-demo "$@"
     "$PY" validate.py ../data/digits --model elsa_swin_nano --img-size 32 -j 2 \
       --checkpoint ../output/digits-demo/model_best.pth.tar --results-file ../output/digits-demo/val_results.json
-    log "held-out top-1 in output/digits-demo/val_results.json; training curves in output/digits-demo/curves.png"
+    # One held-out digit: its top-5 classes, and a picture of what the ELSA layers attend to.
+    sample=$(find ../data/digits/val -name '*.png' | sort | head -n 1)
+    "$PY" predict.py "$sample" --model elsa_swin_nano --img-size 32 --checkpoint ../output/digits-demo/model_best.pth.tar
+    "$PY" visualize.py "$sample" --model elsa_swin_nano --img-size 32 \
+      --checkpoint ../output/digits-demo/model_best.pth.tar -o ../output/digits-demo/attention.png
+    log "held-out top-1 in output/digits-demo/val_results.json; training curves in output/digits-demo/curves.png;"
+    log "attention of a held-out digit in output/digits-demo/attention.png"
     ;;
   *) echo "usage: bash run.sh {demo|test|bench|setup} [args]" >&2; exit 2 ;;
 esac

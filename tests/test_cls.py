@@ -98,6 +98,29 @@ def test_train_lowers_loss_then_resume_then_validate(tmp_path):
     assert metrics["images"] == 40 and metrics["top1"] > 40  # four classes: chance is 25%
     assert "native torch.amp" in r.stderr
 
+    # prediction and the attention picture, with the class names train.py stored
+    digit = sorted((data / "val" / "2").glob("*.png"))[0]
+    r = run(["predict.py", str(digit), str(digit), "--model", "elsa_swin_nano", "--img-size", "32",
+             "--checkpoint", str(run_dir / "model_best.pth.tar")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == str(digit) and len(lines) == 2 * (1 + 4)  # four classes: top-4
+    probs = [float(line.split("%")[0]) for line in lines[1:5]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 100) < 0.1
+    assert {line.split("%")[1].strip() for line in lines[1:5]} == {"0", "1", "2", "3"}
+    png = tmp_path / "attention.png"
+    r = run(["visualize.py", str(digit), "--model", "elsa_swin_nano", "--img-size", "32", "--checkpoint",
+             str(run_dir / "model_best.pth.tar"), "-o", str(png), "--pixels", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with Image.open(png) as picture:
+        # three ELSA stages of (2 pixels + ghost kernels) rows, 1 + 4 heads columns at 1.6 in, 90 dpi
+        assert picture.size == (int(1.6 * 5 * 90), int(1.6 * 9 * 90))
+    best = str(run_dir / "model_best.pth.tar")
+    r = run(["predict.py", str(tmp_path / "none.png"), "--model", "elsa_swin_nano", "--checkpoint", best])
+    assert r.returncode != 0 and "none.png: cannot be read" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = run(["visualize.py", str(digit), "--model", "elsa_swin_tiny", "--checkpoint", best])
+    assert r.returncode != 0 and "does not fit elsa_swin_tiny" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
 
 @pytest.mark.slow
 def test_two_process_gloo_run(tmp_path):
@@ -190,3 +213,16 @@ def test_behaves_like_every_timm_model():
         assert meta(torch.empty(2, 3, 224, 224)).shape == (2, 1000)
     features = timm.create_model("elsa_swin_nano", img_size=64, features_only=True, feature_cls="fx")
     assert [f.shape[-1] for f in features(x.float())] == [32, 64, 128, 256]
+
+
+def test_model_table_runs_and_counts_the_published_sizes():
+    r = subprocess.run([sys.executable, str(CLS.parent / "benchmarks" / "model_table.py"), "--no-speed", "--no-dense"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in r.stdout.splitlines() if line.startswith("| ")}
+    # parameters as published (29M / 53M / 93M); ELSA adds a little compute to Swin's 4.5 / 8.7 / 15.4 GFLOPs
+    for name, params, swin in (("elsa_swin_tiny", "29.14", "swin_tiny_patch4_window7_224"),
+                               ("elsa_swin_small", "52.87", "swin_small_patch4_window7_224"),
+                               ("elsa_swin_base", "92.68", "swin_base_patch4_window7_224")):
+        assert rows[name][0].strip() == params
+        assert 1.0 < float(rows[name][1]) / float(rows[swin][1]) < 1.1

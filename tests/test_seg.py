@@ -26,7 +26,10 @@ def test_config_builds(config):
     assert cfg.train_dataloader.batch_size == 2 and cfg.model.auxiliary_head.in_index == 2
     assert cfg.model.decode_head.num_classes == 150
     with torch.device("meta"):
-        MODELS.build(cfg.model)
+        model = MODELS.build(cfg.model)
+    # the published models' sizes (README): UPerNet T/S 61M/85M (B: 126M, not published)
+    expected = {"t": 61, "s": 85, "b": 126}[config.stem.split("elsa-swin-")[1][0]]
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == expected
 
 
 SMALL = """
