@@ -25,7 +25,7 @@ setup() {
     log "installing requirements.txt (torch is several GB the first time)"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q -r requirements.txt
-    # mmcv has no wheel on PyPI: build one once into a cache shared by every checkout on this machine.
+    # mmcv has no wheel on PyPI: build one once into a cache that every checkout of the user shares.
     wheels=${ELSA_WHEEL_CACHE:-$HOME/.cache/elsa/wheels}
     bash tools/build_mmcv_wheel.sh "$PY" "$wheels"
     log "installing requirements-mm.txt"

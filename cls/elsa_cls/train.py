@@ -407,7 +407,6 @@ def main(argv=None):
     if utils.is_primary(args):
         name = args.experiment or "-".join([time.strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(data_config["input_size"][-1])])
         output_dir = Path(utils.get_outdir(args.output or "./output/train", name))
-        prepare_run_folder(output_dir, args)
         saver = RunSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=str(output_dir), recovery_dir=str(output_dir), decreasing=args.eval_metric == "loss",

@@ -1,4 +1,4 @@
-# Cascade Mask R-CNN with ELSA-Swin-T, 3x schedule, COCO (seed README table).
+# Cascade Mask R-CNN with ELSA-Swin-T, 3x schedule, COCO (the published model: 86M parameters).
 _base_ = '../_base_/cascade-mask-rcnn_elsa-swin-t_fpn_ms-crop-1x.py'
 model = dict(backbone=dict(drop_path_rate=0.2))
 train_cfg = dict(max_epochs=36)
