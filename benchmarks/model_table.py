@@ -12,10 +12,8 @@ ELSA-Swin and Swin taking turns step by step; the last column is ELSA-Swin's rat
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -23,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models)
+from bench_models import images_per_second, make_step  # the same timing as bench_models.py (this folder)
 
 PAIRS = [("elsa_swin_tiny", "swin_tiny_patch4_window7_224"), ("elsa_swin_small", "swin_small_patch4_window7_224"),
          ("elsa_swin_base", "swin_base_patch4_window7_224")]
@@ -41,43 +40,6 @@ def gmacs(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, **kwargs)
     return counter.get_total_flops() / 2 / 1e9
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def make_step(model, x, train: bool):
-    """One inference forward, or one training step (forward, backward, SGD)."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
-
-    def step():
-        model.train(train)
-        if train:
-            opt.zero_grad(set_to_none=True)
-            model(x).float().logsumexp(-1).mean().backward()
-            opt.step()
-        else:
-            with torch.no_grad():
-                model(x)
-
-    return step
-
-
-def images_per_second(steps, x, reps: int) -> list:
-    """Median images/s of each step; the steps take turns, one timed call each per round, so that drift in
-    the machine's speed reaches all of them alike. Round 0 warms up."""
-    times = [[] for _ in steps]
-    for rnd in range(reps + 1):
-        for k, step in enumerate(steps):
-            sync(x.device)
-            t0 = time.perf_counter()
-            step()
-            sync(x.device)
-            if rnd:
-                times[k].append(time.perf_counter() - t0)
-    return [x.shape[0] / statistics.median(t) for t in times]
 
 
 def peak_train_memory_mib(name: str, device: str, batch: int) -> float:
