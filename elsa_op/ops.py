@@ -154,3 +154,14 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("elsa_op::elsa_forward", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("the ELSA operator has no second derivative (double backward is not implemented); "
+                       "differentiate elsa_reference instead where one is needed")
+
+
+# Differentiating the backward ops (create_graph=True, then grad again) is refused with a clear error
+# instead of autograd's not-implemented fallback, which warns and gives missing second-order gradients.
+for _op in ("elsa_backward_features", "elsa_backward_attn", "elsa_backward_ghost"):
+    torch.library.register_autograd(f"elsa_op::{_op}", _no_double_backward)

@@ -373,6 +373,33 @@ def test_bad_input(change, exc, match):
         elsa_function(**_bad(**change))
 
 
+def test_backward_ops_check_their_arguments():
+    """The backward ops check devices, dtypes and grad_out's shape as the forward does (a tensor on another
+    device would fault inside a kernel)."""
+    x, h, m, a = make_inputs(grad=False, stride=2)
+    ops = torch.ops.elsa_op
+    go = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    # (Devices are checked the same way; a second device needs a GPU, see test_cuda_rejects_cpu_tensors.)
+    with pytest.raises(RuntimeError, match="h_attn has dtype Float but grad_out has Double"):
+        ops.elsa_backward_features(go, h.float(), m, a, 7, 9, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="ghost_add has dtype Float but grad_out has Double"):
+        ops.elsa_backward_features(go, h, m, a.float(), 7, 9, 3, 1, 2)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \[2, 6, 4, 5\] for features of 7x9"):
+        ops.elsa_backward_features(go[:, :, :3], h, m, a, 7, 9, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="ghost_mul has dtype Float but features has Double"):
+        ops.elsa_backward_attn(go, x, m.float(), 3, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="h_attn has dtype Float but features has Double"):
+        ops.elsa_backward_ghost(go, x, h.float(), 3, 3, 1, 2, False, True, False)
+
+
+def test_double_backward_is_refused():
+    x, h, m, a = make_inputs()
+    out = elsa_function(x, h, m, a, kernel_size=3)
+    gx, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(gx.sum(), h)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_empty_batch_gives_empty_results(layout):
     """As nn.Conv2d: a batch of 0 gives an empty output and gradients (zero for broadcast kernels)."""
@@ -422,6 +449,20 @@ def test_cuda_matches_cpu(dtype, tol, K, dilation, stride, ghost):
     for a_, b_ in zip(g_gpu, g_cpu):
         scale = b_.abs().max().item() + 1
         torch.testing.assert_close(a_.float().cpu() / scale, b_ / scale, rtol=tol * 10, atol=tol * 10)
+
+
+@cuda_only
+def test_cuda_rejects_cpu_tensors():
+    """A CPU tensor handed to a CUDA op is a clear error, in the forward and in every backward op."""
+    x, h, m, a = make_inputs(grad=False, stride=2, device="cuda")
+    go = torch.randn(2, 6, 4, 5, dtype=torch.float64, device="cuda")
+    ops = torch.ops.elsa_op
+    with pytest.raises(RuntimeError, match="h_attn is on cpu but grad_out on cuda"):
+        ops.elsa_backward_features(go, h.cpu(), m, a, 7, 9, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="ghost_mul is on cpu but features on cuda"):
+        ops.elsa_backward_attn(go, x, m.cpu(), 3, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="h_attn is on cpu but features on cuda"):
+        ops.elsa_backward_ghost(go, x, h.cpu(), 3, 3, 1, 2, False, True, False)
 
 
 @cuda_only

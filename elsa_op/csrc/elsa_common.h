@@ -37,11 +37,13 @@ inline ElsaGeometry make_geometry(int64_t B, int64_t C, int64_t H, int64_t W, in
   return ElsaGeometry{B, C, H, W, G, K, dilation, stride, (H - 1) / stride + 1, (W - 1) / stride + 1};
 }
 
-inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "elsa: ", name, " is on ", t.device(), " but features on ",
+// Every tensor of a call on the device and in the dtype of the first one (a CPU tensor handed to a CUDA
+// kernel would fault, not fail).
+inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* name, const char* ref_name = "features") {
+  TORCH_CHECK(t.device() == ref.device(), "elsa: ", name, " is on ", t.device(), " but ", ref_name, " on ",
               ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "elsa: ", name, " has dtype ", t.scalar_type(),
-              " but features have ", ref.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "elsa: ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type());
 }
 
 inline void check_attn(const at::Tensor& h, const ElsaGeometry& g) {
@@ -94,11 +96,21 @@ inline ElsaGeometry check_backward_features_args(const at::Tensor& grad_out, con
                                                  const std::optional<at::Tensor>& ghost_mul,
                                                  const std::optional<at::Tensor>& ghost_add, int64_t height,
                                                  int64_t width, int64_t K, int64_t dilation, int64_t stride) {
-  TORCH_CHECK(grad_out.dim() == 4 && h_attn.dim() == 5, "elsa: bad grad_out/h_attn ranks");
+  TORCH_CHECK(grad_out.dim() == 4, "elsa: grad_out must be [B, C, Ho, Wo], got ", grad_out.sizes());
+  TORCH_CHECK(h_attn.dim() == 5, "elsa: h_attn must be [B, G, K*K, Ho, Wo], got ", h_attn.sizes());
   const auto g = make_geometry(grad_out.size(0), grad_out.size(1), height, width, h_attn.size(1), K, dilation, stride);
+  TORCH_CHECK(grad_out.size(2) == g.Ho && grad_out.size(3) == g.Wo, "elsa: grad_out must have shape [", g.B, ", ",
+              g.C, ", ", g.Ho, ", ", g.Wo, "] for features of ", height, "x", width, ", got ", grad_out.sizes());
+  check_same(grad_out, h_attn, "h_attn", "grad_out");
   check_attn(h_attn, g);
-  if (ghost_mul) check_ghost(*ghost_mul, g, "ghost_mul");
-  if (ghost_add) check_ghost(*ghost_add, g, "ghost_add");
+  if (ghost_mul) {
+    check_same(grad_out, *ghost_mul, "ghost_mul", "grad_out");
+    check_ghost(*ghost_mul, g, "ghost_mul");
+  }
+  if (ghost_add) {
+    check_same(grad_out, *ghost_add, "ghost_add", "grad_out");
+    check_ghost(*ghost_add, g, "ghost_add");
+  }
   return g;
 }
 
@@ -109,7 +121,10 @@ inline ElsaGeometry check_backward_attn_args(const at::Tensor& grad_out, const a
   const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), groups, K,
                                dilation, stride);
   check_grad_out(grad_out, features, g);
-  if (ghost_mul) check_ghost(*ghost_mul, g, "ghost_mul");
+  if (ghost_mul) {
+    check_same(features, *ghost_mul, "ghost_mul");
+    check_ghost(*ghost_mul, g, "ghost_mul");
+  }
   return g;
 }
 
@@ -118,7 +133,10 @@ inline ElsaGeometry check_backward_ghost_args(const at::Tensor& grad_out, const 
                                               int64_t dilation, int64_t stride, bool need_mul) {
   const auto g = check_backward_attn_args(grad_out, features, std::nullopt, groups, K, dilation, stride);
   TORCH_CHECK(!need_mul || h_attn.has_value(), "elsa: grad_ghost_mul needs h_attn");
-  if (need_mul) check_attn(*h_attn, g);
+  if (need_mul) {
+    check_same(features, *h_attn, "h_attn");
+    check_attn(*h_attn, g);
+  }
   return g;
 }
 
