@@ -72,6 +72,8 @@ def atomic_link(src: PathLike, dst: PathLike) -> None:
     """Make ``dst`` a hard link of ``src`` (a copy where links are not possible), replacing any old ``dst``
     atomically: it is never missing in between."""
     src, dst = Path(src), Path(dst)
+    if dst.exists() and os.path.samefile(src, dst):
+        return
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
     tmp.unlink(missing_ok=True)
     try:

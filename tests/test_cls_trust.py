@@ -236,4 +236,27 @@ def test_kills_while_saving_lose_nothing(tmp_path):
     assert best["epoch"] == top1.index(max(top1)) and best["metric"] == max(top1)
     kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in (out / "run").glob("checkpoint-*.pth.tar"))
     assert len(kept) == 2 and kept == sorted(sorted(range(epochs), key=lambda e: (-top1[e], e))[:2])
-    assert not list((out / "run").glob(".*.tmp"))
+    assert not list((out / "run").glob(".*"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_best_epoch_and_the_history(tmp_path):
+    """Resumed epochs that are worse (a learning rate that wrecks the model) replace neither model_best
+    nor the kept checkpoints, and the summary has one row per epoch."""
+    data = write_digits(tmp_path / "digits", per_class=10, val_per_class=4)
+    run_dir = tmp_path / "out" / "run"
+    args = [str(data), *TRAIN_ARGS, "-b", "8", "--output", str(tmp_path / "out"), "--experiment", "run",
+            "--checkpoint-hist", "2"]
+    r = run(["train.py", *args, "--epochs", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["train.py", *args, "--epochs", "4", "--resume", str(run_dir / "last.pth.tar"), "--no-resume-opt",
+             "--lr", "5", "--warmup-lr", "5", "--min-lr", "5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_summary(run_dir / "summary.csv")
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    top1 = [float(row["eval_top1"]) for row in rows]
+    best = torch.load(run_dir / "model_best.pth.tar", weights_only=False)
+    assert best["epoch"] == top1.index(max(top1)) and best["metric"] == max(top1)
+    kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in run_dir.glob("checkpoint-*.pth.tar"))
+    assert kept == sorted(sorted(range(4), key=lambda e: (-top1[e], e))[:2])
+    assert not list(run_dir.glob(".*"))  # no temporary file left behind

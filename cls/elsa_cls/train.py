@@ -279,8 +279,9 @@ def prepare_run_folder(output_dir: Path, args) -> None:
     if existing and not resumes_here:
         raise SystemExit(f"error: {output_dir} already holds a run ({', '.join(existing)}); continue it with "
                          f"--resume {output_dir / 'last.pth.tar'}, or pick another --experiment")
-    for stale in output_dir.glob(".*.tmp"):
-        stale.unlink()
+    for pattern in (".*.tmp", ".*.link"):  # what elsa_swin.files writes before renaming into place
+        for stale in output_dir.glob(pattern):
+            stale.unlink()
 
 
 def write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
