@@ -90,3 +90,5 @@ def test_ema_and_backbone(tmp_path, original):
     assert missing == [f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")] and unexpected == []
     r = convert(path, tmp_path / "x.pth", "--ema")
     assert r.returncode != 0 and "holds no EMA weights" in r.stderr
+    r = convert(tmp_path / "none.pth", tmp_path / "x.pth")
+    assert r.returncode != 0 and r.stderr.strip() == f"error: checkpoint {tmp_path / 'none.pth'} does not exist"

@@ -247,3 +247,50 @@ def test_mmengine_complexity_analysis_counts_the_elsa_op():
     counts = FlopAnalyzer(backbone, torch.randn(1, 3, 64, 64)).by_operator()
     # two ELSA blocks per stage at 16x16x32, 8x8x64, 4x4x128; 7x7 taps; additive ghost kernel only
     assert counts["elsa_forward"] == 2 * 49 * (16 * 16 * 32 + 8 * 8 * 64 + 4 * 4 * 128)
+
+
+def test_mmengine_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """Through SafeCheckpointHook (or our tools), mmengine's checkpoint writes go through a temporary file:
+    a failed write (here a full disk) keeps the previous file whole and leaves nothing behind."""
+    import errno
+    import os
+
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    from elsa_mm import write_checkpoints_atomically
+    from elsa_swin import files
+
+    write_checkpoints_atomically()
+    path = tmp_path / "iter_2.pth"
+    save_checkpoint({"meta": {"iter": 1}}, str(path))
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(files.NoSpaceError, match=f"no space left on {tmp_path}"):
+        save_checkpoint({"meta": {"iter": 2}}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"meta": {"iter": 1}}
+    assert [p.name for p in tmp_path.iterdir()] == ["iter_2.pth"]
+
+
+def test_resume_from_a_partial_checkpoint_is_one_line(tmp_path):
+    config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
+    partial = tmp_path / "iter_2.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, partial)
+    partial.write_bytes(partial.read_bytes()[:300])
+    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"), "--resume", str(partial)])
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {partial} is truncated"), r.stderr[-2000:]
