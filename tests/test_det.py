@@ -182,14 +182,19 @@ def test_test_refuses_a_checkpoint_of_another_model(tmp_path):
 
 def test_original_detector_checkpoint_maps_onto_the_backbone():
     """The published COCO models hold the original's backbone names under "backbone.": loading the whole
-    detector's state dict maps them (mmengine's load_from does exactly this)."""
+    detector's state dict maps them, with torch's loader and with mmengine's (what load_from runs)."""
+    from mmengine.runner.checkpoint import load_state_dict
+
     from elsa_mm import ELSASwin
 
     ref = torch.load(DATA / "elsa_swin_dense_narrow.pt", weights_only=False)
+    published = {f"backbone.{k}": v for k, v in ref["state_dict"].items()}
     wrapper = torch.nn.Module()
     wrapper.backbone = ELSASwin(**ref["config"]).eval()
-    missing, unexpected = wrapper.load_state_dict({f"backbone.{k}": v for k, v in ref["state_dict"].items()}, strict=False)
+    missing, unexpected = wrapper.load_state_dict(published, strict=False)
     assert missing == [] and unexpected == []
+    wrapper.backbone = ELSASwin(**ref["config"]).eval()
+    load_state_dict(wrapper, published, strict=True)
     with torch.no_grad():
         feats = wrapper.backbone(ref["input"])
     for got, want in zip(feats, ref["features"]):
