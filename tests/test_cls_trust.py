@@ -1,5 +1,4 @@
 """cls: bad data, bad checkpoints, bad options and kills never give silently wrong numbers or lost runs."""
-import errno
 import json
 import signal
 import subprocess
@@ -155,7 +154,7 @@ def test_reusing_a_run_folder_without_resume_is_refused(tmp_path):
 
 
 # ---- writes -----------------------------------------------------------------------------------------
-def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, full_disk):
     import os
 
     from elsa_swin import files
@@ -165,23 +164,7 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     umask = os.umask(0o022)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not the temporary file's 0600
-    real_fdopen = os.fdopen
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(bytes(data)[:10])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    full_disk()
     with pytest.raises(files.NoSpaceError, match=f"no space left on {tmp_path} while writing last.pth.tar"):
         files.atomic_torch_save({"epoch": 2}, path)
     monkeypatch.undo()

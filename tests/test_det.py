@@ -254,12 +254,9 @@ def test_mmengine_complexity_analysis_counts_the_elsa_op():
     assert counts["elsa_forward"] == 2 * 49 * (16 * 16 * 32 + 8 * 8 * 64 + 4 * 4 * 128)
 
 
-def test_mmengine_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+def test_mmengine_checkpoints_are_written_atomically(tmp_path, monkeypatch, full_disk):
     """Through SafeCheckpointHook (or our tools), mmengine's checkpoint writes go through a temporary file:
     a failed write (here a full disk) keeps the previous file whole and leaves nothing behind."""
-    import errno
-    import os
-
     from mmengine.runner.checkpoint import save_checkpoint
 
     from elsa_mm import write_checkpoints_atomically
@@ -268,22 +265,7 @@ def test_mmengine_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     write_checkpoints_atomically()
     path = tmp_path / "iter_2.pth"
     save_checkpoint({"meta": {"iter": 1}}, str(path))
-    real_fdopen = os.fdopen
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    full_disk()
     with pytest.raises(files.NoSpaceError, match=f"no space left on {tmp_path}"):
         save_checkpoint({"meta": {"iter": 2}}, str(path))
     monkeypatch.undo()
