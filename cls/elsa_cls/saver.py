@@ -50,10 +50,8 @@ class RunSaver(CheckpointSaver):
     def save_checkpoint(self, epoch: int, metric: Optional[float] = None):
         """Save ``last`` (atomically), then keep it as ``checkpoint-<epoch>`` and ``model_best`` where it earns
         a place, as timm's saver does. Returns (best metric, best epoch)."""
-        tmp = os.path.join(self.checkpoint_dir, "tmp" + self.extension)
         last = os.path.join(self.checkpoint_dir, "last" + self.extension)
-        self._save(tmp, epoch, metric)
-        self._replace(tmp, last)
+        self._save(last, epoch, metric)  # atomic: no tmp.pth.tar to rename as timm does
         self._keep(epoch, metric, last)
         return (None, None) if self.best_metric is None else (self.best_metric, self.best_epoch)
 

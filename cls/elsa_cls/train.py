@@ -306,6 +306,13 @@ def build_datasets(args) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
 
 
 def main(argv=None):
+    try:
+        return run_training(argv)
+    except NoSpaceError as e:  # from any file of the run; the previous one is kept
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_training(argv=None):
     utils.setup_default_logging()
     args = parse_args(argv)
     if args.dist_backend is None:
@@ -395,7 +402,7 @@ def main(argv=None):
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
-    if start_epoch >= num_epochs:
+    if start_epoch >= num_epochs and not args.resume:
         raise SystemExit(f"error: the run starts at epoch {start_epoch}, but --epochs {args.epochs} "
                          f"(and the schedule's cool-down) ends at {num_epochs}: nothing to train")
     if start_epoch > 0:
@@ -414,11 +421,17 @@ def main(argv=None):
             max_history=args.checkpoint_hist, class_names=class_names,
         )
         if resume_state is not None and Path(args.resume).resolve().parent == output_dir.resolve():
+            # Finish what a kill may have interrupted after the checkpoint: its copies and summary.csv.
             saver.resume(resume_state, args.resume)
             saver.summary = [row for row in resume_state.get("summary", []) if row["epoch"] < start_epoch]
+            if saver.summary:
+                write_summary(output_dir / SUMMARY, saver.summary)
+                plot_curves(saver.summary, output_dir / "curves.png")
         atomic_write_text(output_dir / "args.yaml", yaml.safe_dump(vars(args)))
         _logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; output in {output_dir}")
 
+    if start_epoch >= num_epochs and utils.is_primary(args):
+        _logger.info(f"{args.resume} finished the run (epoch {start_epoch - 1} of {num_epochs}): nothing left to train")
     best = None
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
@@ -435,12 +448,9 @@ def main(argv=None):
                          f"top-1 {eval_metrics['top1']:.2f}, top-5 {eval_metrics['top5']:.2f}")
             saver.summary.append({"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
                                   **{f"eval_{k}": v for k, v in eval_metrics.items()}, "lr": optimizer.param_groups[0]["lr"]})
-            try:
-                best = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
-                write_summary(output_dir / SUMMARY, saver.summary)
-                plot_curves(saver.summary, output_dir / "curves.png")
-            except NoSpaceError as e:
-                raise SystemExit(f"error: {e}") from None
+            best = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+            write_summary(output_dir / SUMMARY, saver.summary)
+            plot_curves(saver.summary, output_dir / "curves.png")
     if best is not None and best[0] is not None:
         _logger.info(f"Best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]})")
     if args.distributed:
