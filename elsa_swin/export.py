@@ -48,8 +48,6 @@ def main(argv=None) -> int:
                         help="batch of the onnxruntime check (the export traces batch 2; the axis is dynamic)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest difference the check accepts")
     args = parser.parse_args(argv)
-    import elsa_swin  # noqa: F401  (registers the models)
-
     state = None
     if args.checkpoint:
         try:

@@ -1,5 +1,4 @@
 """The installed project: import boundaries, no hand-made import paths, and safe checkpoint loading."""
-import os
 import pickle
 import subprocess
 import sys
