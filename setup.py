@@ -62,7 +62,7 @@ def _extension():
     kwargs = dict(
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,
-        depends=sorted(glob.glob(str(CSRC / "*.h")) + glob.glob(str(CSRC / "cpu" / "*.h"))),
+        depends=sorted(str(p) for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh")),
     )
     if not use_cuda:
         return CppExtension("elsa_op._C", sources, **kwargs)

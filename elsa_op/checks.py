@@ -13,6 +13,12 @@ MAX_KERNEL_SIZE = 2**15
 MAX_DILATION_OR_STRIDE = 2**31 - 1
 
 
+def ghost_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in, and in which they return ghost-kernel gradients: float64 for
+    float64, else float32. Ghost kernels may come in it beside half or bfloat16 features (mixed precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_positive_int(name: str, value: int, largest: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
@@ -48,8 +54,10 @@ def check_elsa_args(
             raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, SUPPORTED_DTYPES))}), got {t.dtype}")
         if t.device != features.device:
             raise ValueError(f"{name} is on {t.device} but features are on {features.device}")
-        if t.dtype != features.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but features have {features.dtype}; cast them to one dtype")
+        if t.dtype != features.dtype and not (name.startswith("ghost") and t.dtype == ghost_accumulation_dtype(features.dtype)):
+            allowed = "" if features.dtype == ghost_accumulation_dtype(features.dtype) else " (ghost kernels may be float32)"
+            raise TypeError(f"{name} has dtype {t.dtype} but features have {features.dtype}; cast them to one dtype"
+                            f"{allowed}")
 
     if features.dim() != 4:
         raise ValueError(f"features must be 4-D [B, C, H, W], got {features.shape=}")

@@ -44,4 +44,4 @@ def elsa_forward_decomposition(
         weight = weight * ghost_mul.reshape(-1, G, C // G, K * K, 1, 1)
     if ghost_add is not None:
         weight = weight + ghost_add.reshape(-1, G, C // G, K * K, 1, 1)
-    return (windows * weight).sum(3).reshape(B, C, Ho, Wo)
+    return (windows * weight).sum(3).reshape(B, C, Ho, Wo).to(features.dtype)

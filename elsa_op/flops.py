@@ -10,7 +10,8 @@ features, and with a multiplicative ghost kernel K * K more to weight the attent
 additive kernel is an add, not counted, as a convolution's bias is not):
 
 - forward, grad of the features, grad of the attention: N * K * K * (1 + has_ghost_mul)
-- grad of the ghost kernels: N * K * K * (need_add + 2 * need_mul)
+- grad of the ghost kernels: N * K * K * (need_add + 2 * need_mul), counted as if computed apart from the
+  attention's gradient (the kernels share the products between them)
 """
 import math
 
@@ -40,12 +41,8 @@ def _backward_features_flops(grad_out, h_attn, ghost_mul, ghost_add, height, wid
     return 2 * elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None)
 
 
-@register_flop_formula(_ops.elsa_backward_attn)
-def _backward_attn_flops(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride, out_shape=None, **kwargs):
-    return 2 * elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None)
-
-
-@register_flop_formula(_ops.elsa_backward_ghost)
-def _backward_ghost_flops(grad_out, features, h_attn, groups, kernel_size, dilation, stride, batched, need_mul,
-                          need_add, out_shape=None, **kwargs):
-    return 2 * _taps(grad_out, kernel_size) * (int(need_add) + 2 * int(need_mul))
+@register_flop_formula(_ops.elsa_backward_attn_ghost)
+def _backward_attn_ghost_flops(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation, stride, need_attn,
+                               need_mul, need_add, mul_batched, add_batched, out_shape=None, **kwargs):
+    attn = elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None) if need_attn else 0
+    return 2 * (attn + _taps(grad_out, kernel_size) * (int(need_add) + 2 * int(need_mul)))

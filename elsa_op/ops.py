@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import check_elsa_args
+from .checks import check_elsa_args, ghost_accumulation_dtype
 from .reference import elsa_reference
 
 _ops = torch.ops.elsa_op
@@ -44,8 +44,11 @@ def elsa_function(
             Default: ``"kernels"``.
 
     Returns:
-        Tensor[B, C, Ho, Wo], in the inputs' dtype. Under ``torch.autocast`` the inputs are first cast
-        to the autocast dtype, as convolutions are.
+        Tensor[B, C, Ho, Wo], in the features' dtype. Under ``torch.autocast`` the features and the
+        attention are cast to the autocast dtype, as a convolution's inputs are, and the ghost kernels to
+        float32: they are C*K*K values whose gradients sum a product over every pixel of the batch, so
+        they and their gradients stay float32. Outside autocast, ghost kernels take the features' dtype
+        or, beside half or bfloat16 features, float32.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -53,10 +56,10 @@ def elsa_function(
     # Autocast exists for real devices only; asking about "meta" raises.
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        features, h_attn, ghost_mul, ghost_add = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (features, h_attn, ghost_mul, ghost_add)
-        )
+        features, h_attn = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                            for t in (features, h_attn))
+        ghost_mul, ghost_add = (t.to(ghost_accumulation_dtype(dtype)) if isinstance(t, Tensor) and t.is_floating_point()
+                                else t for t in (ghost_mul, ghost_add))
     check_elsa_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
     if backend == "reference":
         return elsa_reference(features, h_attn, ghost_mul, ghost_add, kernel_size=kernel_size, dilation=dilation,
@@ -97,20 +100,24 @@ def _elsa_backward_features_fake(grad_out, h_attn, ghost_mul, ghost_add, height,
     return _empty_like_layout(grad_out, (B, C, height, width), _is_channels_last(grad_out))
 
 
-@torch.library.register_fake("elsa_op::elsa_backward_attn")
-def _elsa_backward_attn_fake(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride):
+@torch.library.register_fake("elsa_op::elsa_backward_attn_ghost")
+def _elsa_backward_attn_ghost_fake(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation, stride,
+                                   need_attn, need_mul, need_add, mul_batched, add_batched):
     B, C, H, W = features.shape
     Ho, Wo, KK = _out_size(H, stride), _out_size(W, stride), kernel_size * kernel_size
-    if _is_channels_last(features):
-        return grad_out.new_empty((B, Ho, Wo, groups, KK)).permute(0, 3, 4, 1, 2)
-    return grad_out.new_empty((B, groups, KK, Ho, Wo))
+    if not need_attn:
+        gh = features.new_empty((0,))
+    elif _is_channels_last(features):
+        gh = features.new_empty((B, Ho, Wo, groups, KK)).permute(0, 3, 4, 1, 2)
+    else:
+        gh = features.new_empty((B, groups, KK, Ho, Wo))
+    acc = ghost_accumulation_dtype(features.dtype)
 
+    def ghost_grad(need, batched):
+        shape = ((B, C, kernel_size, kernel_size) if batched else (C, kernel_size, kernel_size)) if need else (0,)
+        return features.new_empty(shape, dtype=acc)
 
-@torch.library.register_fake("elsa_op::elsa_backward_ghost")
-def _elsa_backward_ghost_fake(grad_out, features, h_attn, groups, kernel_size, dilation, stride, batched, need_mul, need_add):
-    B, C = features.shape[:2]
-    shape = (B, C, kernel_size, kernel_size) if batched else (C, kernel_size, kernel_size)
-    return tuple(grad_out.new_empty(shape if need else (0,)) for need in (need_mul, need_add))
+    return gh, ghost_grad(need_mul, mul_batched), ghost_grad(need_add, add_batched)
 
 
 def _setup_context(ctx, inputs, output):
@@ -118,6 +125,7 @@ def _setup_context(ctx, inputs, output):
     need_x, need_h, need_m, need_a = ctx.needs_input_grad[:4]
     ctx.geometry = (features.shape[2], features.shape[3], h_attn.shape[1], kernel_size, dilation, stride)
     ctx.ghost_batched = tuple(t is not None and t.dim() == 4 for t in (ghost_mul, ghost_add))
+    ctx.ghost_dtypes = tuple(t.dtype if t is not None else None for t in (ghost_mul, ghost_add))
     ctx.channels_last = _is_channels_last(features)
     # Keep only what the requested gradients read.
     ctx.save_for_backward(
@@ -140,16 +148,13 @@ def _backward(ctx, grad_out):
     gx = gh = gm = ga = None
     if need_x:
         gx = _ops.elsa_backward_features(grad_out, h_attn, ghost_mul, ghost_add, H, W, K, d, s)
-    if need_h:
-        gh = _ops.elsa_backward_attn(grad_out, features, ghost_mul, G, K, d, s)
-    mul_batched, add_batched = ctx.ghost_batched
-    if need_m and need_a and mul_batched == add_batched:
-        gm, ga = _ops.elsa_backward_ghost(grad_out, features, h_attn, G, K, d, s, mul_batched, True, True)
-    else:
-        if need_m:
-            gm = _ops.elsa_backward_ghost(grad_out, features, h_attn, G, K, d, s, mul_batched, True, False)[0]
-        if need_a:
-            ga = _ops.elsa_backward_ghost(grad_out, features, h_attn, G, K, d, s, add_batched, False, True)[1]
+    if need_h or need_m or need_a:
+        mul_batched, add_batched = ctx.ghost_batched
+        gh, gm, ga = _ops.elsa_backward_attn_ghost(grad_out, features, h_attn, ghost_mul, G, K, d, s, need_h, need_m,
+                                                   need_a, mul_batched, add_batched)
+        # Ghost gradients come in float32 (float64 for float64): cast them to their kernels' dtype.
+        gh, gm, ga = (g if need else None for g, need in ((gh, need_h), (gm, need_m), (ga, need_a)))
+        gm, ga = (g.to(dtype) if g is not None else None for g, dtype in ((gm, ctx.ghost_dtypes[0]), (ga, ctx.ghost_dtypes[1])))
     return gx, gh, gm, ga, None, None, None
 
 
@@ -163,5 +168,5 @@ def _no_double_backward(ctx, *grads):
 
 # Differentiating the backward ops (create_graph=True, then grad again) is refused with a clear error
 # instead of autograd's not-implemented fallback, which warns and gives missing second-order gradients.
-for _op in ("elsa_backward_features", "elsa_backward_attn", "elsa_backward_ghost"):
+for _op in ("elsa_backward_features", "elsa_backward_attn_ghost"):
     torch.library.register_autograd(f"elsa_op::{_op}", _no_double_backward)

@@ -34,4 +34,5 @@ def elsa_reference(
         weight = weight * ghost_mul.reshape(-1, G, C // G, K * K, 1, 1)
     if ghost_add is not None:
         weight = weight + ghost_add.reshape(-1, G, C // G, K * K, 1, 1)
-    return (cols * weight).sum(3).reshape(B, C, Ho, Wo)
+    # (float32 ghost kernels beside half or bfloat16 features: the result takes the features' dtype)
+    return (cols * weight).sum(3).reshape(B, C, Ho, Wo).to(features.dtype)

@@ -35,7 +35,8 @@ def test_every_cuda_kernel_has_sm80_and_sm90_code_and_no_spills():
                           check=True).stdout
     kernels = set()
     for source in (REPO / "elsa_op" / "csrc" / "cuda").glob("*.cu"):
-        kernels |= set(re.findall(r"__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(\w+)", source.read_text()))
+        kernels |= set(re.findall(r"__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)",
+                              source.read_text()))
     assert kernels
     found = {}  # (arch, kernel) -> resource lines
     arch = None

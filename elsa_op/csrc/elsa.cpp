@@ -22,14 +22,13 @@ TORCH_LIBRARY(elsa_op, m) {
   m.def(
       "elsa_backward_features(Tensor grad_out, Tensor h_attn, Tensor? ghost_mul, Tensor? ghost_add, "
       "int height, int width, int kernel_size, int dilation, int stride) -> Tensor");
+  // Gradients of the attention (weighted by ghost_mul), of ghost_mul (reads h_attn) and of ghost_add, from one
+  // pass over grad_out and the features. Ghost gradients are in the accumulation type (float32 for half and
+  // bfloat16 features); one not asked for is an empty tensor.
   m.def(
-      "elsa_backward_attn(Tensor grad_out, Tensor features, Tensor? ghost_mul, int groups, int kernel_size, "
-      "int dilation, int stride) -> Tensor");
-  // Returns (grad_ghost_mul, grad_ghost_add); one not asked for is an empty tensor. h_attn is read only
-  // for grad_ghost_mul.
-  m.def(
-      "elsa_backward_ghost(Tensor grad_out, Tensor features, Tensor? h_attn, int groups, int kernel_size, "
-      "int dilation, int stride, bool batched, bool need_mul, bool need_add) -> (Tensor, Tensor)");
+      "elsa_backward_attn_ghost(Tensor grad_out, Tensor features, Tensor? h_attn, Tensor? ghost_mul, int groups, "
+      "int kernel_size, int dilation, int stride, bool need_attn, bool need_mul, bool need_add, bool mul_batched, "
+      "bool add_batched) -> (Tensor, Tensor, Tensor)");
   // Which build of the channels-last CPU kernels runs: "avx2" or "default" (see cpu/nhwc_kernels.h).
   m.def("cpu_capability() -> str", [] { return std::string(elsa_op::nhwc::cpu_capability()); });
 }

@@ -7,8 +7,7 @@
 
 namespace elsa_op {
 
-// Geometry of one ELSA call. Ghost kernels are indexed with `ghost_batch_stride`, which is 0 for
-// broadcast (C, K, K) kernels so that they are never expanded per batch element.
+// Geometry of one ELSA call.
 struct ElsaGeometry {
   int64_t B, C, H, W, G, K, dilation, stride, Ho, Wo;
 
@@ -53,14 +52,23 @@ inline void check_attn(const at::Tensor& h, const ElsaGeometry& g) {
               "], got ", h.sizes());
 }
 
-// Returns the batch stride of a ghost kernel in elements: 0 for a broadcast (C, K, K) kernel.
-inline int64_t check_ghost(const at::Tensor& t, const ElsaGeometry& g, const char* name) {
+// The accumulation type of a dtype: float for half and bfloat16 (and float), double for double.
+inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A ghost kernel is on the device of `ref` and in its dtype, or float32 beside half or bfloat16 features:
+// under mixed precision the C*K*K ghost values (and their gradients) stay float32.
+inline void check_ghost(const at::Tensor& ref, const at::Tensor& t, const ElsaGeometry& g, const char* name,
+                        const char* ref_name = "features") {
+  TORCH_CHECK(t.device() == ref.device(), "elsa: ", name, " is on ", t.device(), " but ", ref_name, " on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type() || t.scalar_type() == accumulation_type(ref.scalar_type()),
+              "elsa: ", name, " has dtype ", t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type(),
+              " (a ghost kernel takes the features' dtype, or float32 beside half or bfloat16)");
   const bool batched = t.dim() == 4;
   TORCH_CHECK((t.dim() == 3 || batched) && t.size(-3) == g.C && t.size(-2) == g.K && t.size(-1) == g.K &&
                   (!batched || t.size(0) == g.B),
               "elsa: ", name, " must have shape [", g.C, ", ", g.K, ", ", g.K, "] or [", g.B, ", ", g.C,
               ", ", g.K, ", ", g.K, "], got ", t.sizes());
-  return batched ? g.C * g.kk() : 0;
 }
 
 inline ElsaGeometry check_forward_args(const at::Tensor& features, const at::Tensor& h_attn,
@@ -73,14 +81,8 @@ inline ElsaGeometry check_forward_args(const at::Tensor& features, const at::Ten
                                h_attn.size(1), K, dilation, stride);
   check_same(features, h_attn, "h_attn");
   check_attn(h_attn, g);
-  if (ghost_mul) {
-    check_same(features, *ghost_mul, "ghost_mul");
-    check_ghost(*ghost_mul, g, "ghost_mul");
-  }
-  if (ghost_add) {
-    check_same(features, *ghost_add, "ghost_add");
-    check_ghost(*ghost_add, g, "ghost_add");
-  }
+  if (ghost_mul) check_ghost(features, *ghost_mul, g, "ghost_mul");
+  if (ghost_add) check_ghost(features, *ghost_add, g, "ghost_add");
   return g;
 }
 
@@ -103,35 +105,20 @@ inline ElsaGeometry check_backward_features_args(const at::Tensor& grad_out, con
               g.C, ", ", g.Ho, ", ", g.Wo, "] for features of ", height, "x", width, ", got ", grad_out.sizes());
   check_same(grad_out, h_attn, "h_attn", "grad_out");
   check_attn(h_attn, g);
-  if (ghost_mul) {
-    check_same(grad_out, *ghost_mul, "ghost_mul", "grad_out");
-    check_ghost(*ghost_mul, g, "ghost_mul");
-  }
-  if (ghost_add) {
-    check_same(grad_out, *ghost_add, "ghost_add", "grad_out");
-    check_ghost(*ghost_add, g, "ghost_add");
-  }
+  if (ghost_mul) check_ghost(grad_out, *ghost_mul, g, "ghost_mul", "grad_out");
+  if (ghost_add) check_ghost(grad_out, *ghost_add, g, "ghost_add", "grad_out");
   return g;
 }
 
-inline ElsaGeometry check_backward_attn_args(const at::Tensor& grad_out, const at::Tensor& features,
-                                             const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t K,
-                                             int64_t dilation, int64_t stride) {
+inline ElsaGeometry check_backward_attn_ghost_args(const at::Tensor& grad_out, const at::Tensor& features,
+                                                   const std::optional<at::Tensor>& h_attn,
+                                                   const std::optional<at::Tensor>& ghost_mul, int64_t groups,
+                                                   int64_t K, int64_t dilation, int64_t stride, bool need_mul) {
   TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
   const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), groups, K,
                                dilation, stride);
   check_grad_out(grad_out, features, g);
-  if (ghost_mul) {
-    check_same(features, *ghost_mul, "ghost_mul");
-    check_ghost(*ghost_mul, g, "ghost_mul");
-  }
-  return g;
-}
-
-inline ElsaGeometry check_backward_ghost_args(const at::Tensor& grad_out, const at::Tensor& features,
-                                              const std::optional<at::Tensor>& h_attn, int64_t groups, int64_t K,
-                                              int64_t dilation, int64_t stride, bool need_mul) {
-  const auto g = check_backward_attn_args(grad_out, features, std::nullopt, groups, K, dilation, stride);
+  if (ghost_mul) check_ghost(features, *ghost_mul, g, "ghost_mul");
   TORCH_CHECK(!need_mul || h_attn.has_value(), "elsa: grad_ghost_mul needs h_attn");
   if (need_mul) {
     check_same(features, *h_attn, "h_attn");
@@ -141,35 +128,18 @@ inline ElsaGeometry check_backward_ghost_args(const at::Tensor& grad_out, const 
 }
 
 // Gradients of the ghost kernels, shaped like them; one not asked for is an empty tensor.
-inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const ElsaGeometry& g, bool batched, bool need_mul,
-                                                            bool need_add, const at::TensorOptions& options) {
-  const std::vector<int64_t> shape = batched ? std::vector<int64_t>{g.B, g.C, g.K, g.K}
-                                             : std::vector<int64_t>{g.C, g.K, g.K};
-  return {at::empty(need_mul ? shape : std::vector<int64_t>{0}, options),
-          at::empty(need_add ? shape : std::vector<int64_t>{0}, options)};
+inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const ElsaGeometry& g, bool mul_batched, bool add_batched,
+                                                            bool need_mul, bool need_add,
+                                                            const at::TensorOptions& options) {
+  const auto shape = [&](bool need, bool batched) {
+    return !need ? std::vector<int64_t>{0}
+                 : batched ? std::vector<int64_t>{g.B, g.C, g.K, g.K} : std::vector<int64_t>{g.C, g.K, g.K};
+  };
+  return {at::empty(shape(need_mul, mul_batched), options), at::empty(shape(need_add, add_batched), options)};
 }
 
 // Channels-last tensors (unit channel stride) take the channels-last kernels and get channels-last
 // results, as convolutions do; ops.py's fake kernels follow the same rule. For features and grad_out.
 inline bool is_channels_last(const at::Tensor& t) { return t.dim() == 4 && t.size(1) > 1 && t.stride(1) == 1; }
-
-// Attention gradient in the layout that a channels-last model makes its attention: [B, Ho, Wo, G, K*K]
-// in memory, seen as [B, G, K*K, Ho, Wo].
-inline at::Tensor attn_channels_last(const at::Tensor& t) {
-  return t.permute({0, 3, 4, 1, 2}).contiguous().permute({0, 3, 4, 1, 2});
-}
-
-inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t ? t->contiguous() : at::Tensor();
-}
-
-template <typename scalar_t>
-inline const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
-inline int64_t ghost_batch_stride(const at::Tensor& t, const ElsaGeometry& g) {
-  return t.defined() && t.dim() == 4 ? g.C * g.kk() : 0;
-}
 
 }  // namespace elsa_op

@@ -37,20 +37,23 @@ at::Tensor backward_features_cpu(const at::Tensor& grad_out, const at::Tensor& h
                           is_channels_last(grad_out));
 }
 
-at::Tensor backward_attn_cpu(const at::Tensor& grad_out, const at::Tensor& features,
-                             const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t kernel_size,
-                             int64_t dilation, int64_t stride) {
-  const auto g = check_backward_attn_args(grad_out, features, ghost_mul, groups, kernel_size, dilation, stride);
-  return to_caller_layout(backward_attn_nhwc(g, grad_out, features, ghost_mul), is_channels_last(features));
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_ghost_cpu(const at::Tensor& grad_out, const at::Tensor& features,
-                                                      const std::optional<at::Tensor>& h_attn, int64_t groups,
-                                                      int64_t kernel_size, int64_t dilation, int64_t stride,
-                                                      bool batched, bool need_mul, bool need_add) {
-  const auto g =
-      check_backward_ghost_args(grad_out, features, h_attn, groups, kernel_size, dilation, stride, need_mul);
-  return backward_ghost_nhwc(g, grad_out, features, h_attn, batched, need_mul, need_add);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_cpu(
+    const at::Tensor& grad_out, const at::Tensor& features, const std::optional<at::Tensor>& h_attn,
+    const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t kernel_size, int64_t dilation, int64_t stride,
+    bool need_attn, bool need_mul, bool need_add, bool mul_batched, bool add_batched) {
+  const auto g = check_backward_attn_ghost_args(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation,
+                                                stride, need_mul);
+  const auto gh = need_attn ? to_caller_layout(backward_attn_nhwc(g, grad_out, features, ghost_mul),
+                                               is_channels_last(features))
+                            : at::empty({0}, features.options());
+  at::Tensor gm, ga;
+  if (need_mul && need_add && mul_batched == add_batched) {
+    std::tie(gm, ga) = backward_ghost_nhwc(g, grad_out, features, h_attn, mul_batched, true, true);
+  } else {
+    gm = std::get<0>(backward_ghost_nhwc(g, grad_out, features, h_attn, mul_batched, need_mul, false));
+    ga = std::get<1>(backward_ghost_nhwc(g, grad_out, features, h_attn, add_batched, false, need_add));
+  }
+  return {gh, gm, ga};
 }
 
 }  // namespace
@@ -58,8 +61,7 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_cpu(const at::Tensor& grad_out
 TORCH_LIBRARY_IMPL(elsa_op, CPU, m) {
   m.impl("elsa_forward", &forward_cpu);
   m.impl("elsa_backward_features", &backward_features_cpu);
-  m.impl("elsa_backward_attn", &backward_attn_cpu);
-  m.impl("elsa_backward_ghost", &backward_ghost_cpu);
+  m.impl("elsa_backward_attn_ghost", &backward_attn_ghost_cpu);
 }
 
 }  // namespace elsa_op

@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, co
     }
   });
   at::Tensor gm, ga;
-  std::tie(gm, ga) = empty_ghost_grads(g, batched, need_mul, need_add, features.options());
+  std::tie(gm, ga) = empty_ghost_grads(g, batched, batched, need_mul, need_add, features.options().dtype(type));
   if (need_mul) gm.copy_(sum_mul.view(gm.sizes()));
   if (need_add) ga.copy_(sum_add.view(ga.sizes()));
   return {gm, ga};

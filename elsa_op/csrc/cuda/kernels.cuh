@@ -1,0 +1,553 @@
+// Bodies of the CUDA kernels of the ELSA operator, written once for two compilers.
+//
+// nvcc compiles them into the kernels of elsa_kernel.cu; a host C++ compiler compiles the very same
+// functions into the emulation that tests/test_cuda_emulation.py runs on CPU over the full launch grid,
+// so that CI, which has no GPU, still checks the kernels' index arithmetic. Everything here therefore
+// sticks to what both compilers accept: no intrinsics, no warp shuffles, and every block-wide step goes
+// through the `Block` interface (its CUDA version maps it to threadIdx and __syncthreads, the emulation
+// runs the threads of a block one after the other between two barriers).
+//
+// Layout (channels-last, as the models keep their tensors):
+//   features, grad_features, out, grad_out  [B, H, W, C]: unit channel stride, any pixel strides
+//   attention and its gradient              [B, Ho, Wo, G, K*K]: unit tap stride, any other strides
+//   ghost kernels                           [U, C/V, K*K, V] tables in the accumulation type (U = 1 or B):
+//                                           a thread's taps are V-wide and contiguous, at offsets fixed at
+//                                           compile time when K is
+// Each thread owns V consecutive channels of one pixel (one 16-byte vector), so loads and stores along
+// channels are vectorised and coalesced, and a pixel's attention weight for a tap is loaded once and
+// shared by the thread's V channels (and, through one broadcast transaction, by its warp's other lanes of
+// the same head).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define ELSA_HD __host__ __device__ __forceinline__
+#define ELSA_UNROLL _Pragma("unroll")
+#define ELSA_NO_UNROLL _Pragma("unroll 1")
+// The taps of a window row: all of them up to 32 channel-taps per row (K = 7 in float32), else 16 / V at a
+// time: unrolling more hoists so many loads that registers spill. Needs `kRowUnroll` (tap_row_unroll).
+#define ELSA_UNROLL_ROW _Pragma("unroll kRowUnroll")
+#else
+#define ELSA_HD inline
+#define ELSA_UNROLL
+#define ELSA_NO_UNROLL
+#define ELSA_UNROLL_ROW
+#endif
+
+namespace elsa_op::gpu {
+
+// Accumulation type: float for float, half and bfloat16; double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_of = typename AccOf<T>::type;
+
+// V elements that load and store as one aligned vector (16 bytes when V * sizeof(T) == 16).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+ELSA_HD void load_vec(const T* p, acc_of<T> (&out)[V]) {
+  const Vec<T, V> raw = *reinterpret_cast<const Vec<T, V>*>(p);
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) out[e] = static_cast<acc_of<T>>(raw.v[e]);
+}
+
+// Ghost tables are in the accumulation type already.
+template <typename A, int V>
+ELSA_HD void load_acc(const A* p, A (&out)[V]) {
+  const Vec<A, V> raw = *reinterpret_cast<const Vec<A, V>*>(p);
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) out[e] = raw.v[e];
+}
+
+template <typename T, int V>
+ELSA_HD void store_vec(T* p, const acc_of<T> (&in)[V]) {
+  Vec<T, V> raw;
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) raw.v[e] = static_cast<T>(in[e]);
+  *reinterpret_cast<Vec<T, V>*>(p) = raw;
+}
+
+// Geometry in 32-bit integers: the launcher checks that every in-plane coordinate the kernels form,
+// from -(K/2)*dilation to max(H, W) + (K/2)*dilation + stride, fits. Offsets into tensors are 64-bit.
+struct Geo {
+  int B, C, H, W, G, K, dilation, stride, Ho, Wo;
+  int cpg;      // channels per group
+  int CV;       // channel vectors per pixel, C / V
+  int d_div_s;  // dilation / stride and dilation % stride: the grad-features gather steps through the
+  int d_mod_s;  // output grid with these instead of dividing in its inner loop
+};
+
+// Pixel strides in elements; the channel (or tap) stride is 1.
+struct Strides {
+  int64_t b, h, w;
+};
+struct AttnStrides {
+  int64_t b, h, w, g;
+};
+
+// K as a compile-time constant where the launcher instantiated one (KT > 0), else the runtime value.
+template <int KT>
+ELSA_HD int kernel_size(const Geo& g) {
+  return KT > 0 ? KT : g.K;
+}
+
+template <int KT, int V>
+constexpr int tap_row_unroll() {
+  return KT > 0 && KT * V <= 32 ? KT : 16 / V;
+}
+
+// One tap of the forward or grad-features gather: acc += v * (m[t] * w + a[t]) over the thread's V channels.
+template <typename T, int V>
+ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], const T* v, acc_of<T> w, const acc_of<T>* m, const acc_of<T>* a,
+                          int t) {
+  using acc_t = acc_of<T>;
+  acc_t vv[V], mv[V], av[V];
+  load_vec<T, V>(v, vv);
+  if (m) {
+    load_acc<acc_t, V>(m + t * V, mv);
+    ELSA_UNROLL
+    for (int e = 0; e < V; ++e) mv[e] *= w;
+  } else {
+    ELSA_UNROLL
+    for (int e = 0; e < V; ++e) mv[e] = w;
+  }
+  if (a) {
+    load_acc<acc_t, V>(a + t * V, av);
+    ELSA_UNROLL
+    for (int e = 0; e < V; ++e) mv[e] += av[e];
+  }
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) acc[e] += vv[e] * mv[e];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: out[b, i, j, c] = sum_t x[b, i*s + dy_t, j*s + dx_t, c] * (m[t, c] * h[b, i, j, g(c), t] + a[t, c]).
+// Grid: x over the (j, channel vector) items of an output row, y over the B * Ho rows (strided).
+template <typename T>
+struct ForwardArgs {
+  Geo g;
+  const T* x;
+  Strides xs;
+  const T* h;
+  AttnStrides hs;
+  const acc_of<T>* m;  // null: 1
+  int64_t m_b;         // batch stride of the table: 0 when broadcast
+  const acc_of<T>* a;  // null: 0
+  int64_t a_b;
+  T* out;
+  Strides os;
+};
+
+template <typename T, int KT, int V>
+ELSA_HD void forward_item(const ForwardArgs<T>& A, int row, int item) {
+  using acc_t = acc_of<T>;
+  [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
+  const Geo& g = A.g;
+  if (item >= g.Wo * g.CV) return;
+  const int K = kernel_size<KT>(g), r = K / 2, KK = K * K;
+  const int b = row / g.Ho, i = row - b * g.Ho;
+  const int j = item / g.CV, cv = item - j * g.CV, c = cv * V;
+  const int grp = c / g.cpg;
+  const T* xb = A.x + b * A.xs.b + c;
+  const T* hp = A.h + b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
+  const acc_t* mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
+  const acc_t* ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
+  acc_t acc[V];
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) acc[e] = 0;
+  const int y0 = i * g.stride - r * g.dilation, x0 = j * g.stride - r * g.dilation;
+  const int span = (K - 1) * g.dilation;
+  if (y0 >= 0 && y0 + span < g.H && x0 >= 0 && x0 + span < g.W) {
+    // The whole window inside the image (most pixels): no bounds to check.
+    // Rows one after the other (unrolling them too would only hoist loads into spilled registers), the
+    // taps of a row unrolled, at compile-time offsets from pointers that step once per row.
+    const T* xrow = xb + y0 * A.xs.h + x0 * A.xs.w;
+    const int64_t dy = int64_t(g.dilation) * A.xs.h, dx = int64_t(g.dilation) * A.xs.w;
+    const T* hrow = hp;
+    const acc_t *mrow = mp, *arow = ap;
+    ELSA_NO_UNROLL
+    for (int p = 0; p < K; ++p) {
+      ELSA_UNROLL_ROW
+      for (int q = 0; q < K; ++q)
+        weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(hrow[q]), mrow, arow, q);
+      xrow += dy;
+      hrow += K;
+      if (mrow) mrow += K * V;
+      if (arow) arow += K * V;
+    }
+  } else {
+    int y = y0;
+    ELSA_NO_UNROLL
+    for (int p = 0; p < K; ++p, y += g.dilation) {
+      if (y < 0 || y >= g.H) continue;
+      const T* xrow = xb + y * A.xs.h;
+      int xx = x0;
+      ELSA_UNROLL_ROW
+      for (int q = 0; q < K; ++q, xx += g.dilation) {
+        if (xx < 0 || xx >= g.W) continue;
+        const int t = p * K + q;
+        weighted_tap<T, V>(acc, xrow + xx * A.xs.w, static_cast<acc_t>(hp[t]), mp, ap, t);
+      }
+    }
+  }
+  store_vec<T, V>(A.out + b * A.os.b + i * A.os.h + j * A.os.w + c, acc);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gradient of the features, gathered per input pixel (no atomics): gx[b, y, x, c] is the sum over the
+// output pixels (i, j) and taps t with i*s + dy_t = y and j*s + dx_t = x. Walking the taps backwards
+// from tap 0, the output row i*s = y + (K/2 - p) * dilation steps down by `dilation`, which is
+// d_div_s rows plus d_mod_s in the remainder: a carried remainder replaces division in the loops.
+// Grid: x over the (x, channel vector) items of an input row, y over the B * H rows (strided).
+template <typename T>
+struct FeaturesArgs {
+  Geo g;
+  const T* go;
+  Strides gos;
+  const T* h;
+  AttnStrides hs;
+  const acc_of<T>* m;
+  int64_t m_b;
+  const acc_of<T>* a;
+  int64_t a_b;
+  T* gx;
+  Strides gxs;
+};
+
+template <typename T, int KT, int V>
+ELSA_HD void features_item(const FeaturesArgs<T>& A, int row, int item) {
+  using acc_t = acc_of<T>;
+  [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
+  const Geo& g = A.g;
+  if (item >= g.W * g.CV) return;
+  const int K = kernel_size<KT>(g), r = K / 2, KK = K * K, s = g.stride;
+  const int b = row / g.H, y = row - b * g.H;
+  const int x = item / g.CV, cv = item - x * g.CV, c = cv * V;
+  const int grp = c / g.cpg;
+  const T* gob = A.go + b * A.gos.b + c;
+  const T* hb = A.h + b * A.hs.b + grp * A.hs.g;
+  const acc_t* mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
+  const acc_t* ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
+  acc_t acc[V];
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) acc[e] = 0;
+  // Tap p = 0 reaches input row y from output row (y + r*d) / s; both numerators are >= 0 here.
+  const int ty = y + r * g.dilation, tx = x + r * g.dilation;
+  const int span = (K - 1) * g.dilation;
+  if (s == 1 && ty < g.Ho && ty - span >= 0 && tx < g.Wo && tx - span >= 0) {
+    // Stride 1 with every tap's output pixel inside the output (most pixels): no remainders, no bounds.
+    // Rows one after the other, the taps of a row unrolled (as in forward_item).
+    const T* gorow = gob + ty * A.gos.h + tx * A.gos.w;
+    const T* hrow = hb + ty * A.hs.h + tx * A.hs.w;
+    const int64_t go_dy = int64_t(g.dilation) * A.gos.h, go_dx = int64_t(g.dilation) * A.gos.w;
+    const int64_t h_dy = int64_t(g.dilation) * A.hs.h, h_dx = int64_t(g.dilation) * A.hs.w;
+    const acc_t *mrow = mp, *arow = ap;
+    ELSA_NO_UNROLL
+    for (int p = 0; p < K; ++p) {
+      ELSA_UNROLL_ROW
+      for (int q = 0; q < K; ++q)
+        weighted_tap<T, V>(acc, gorow - q * go_dx, static_cast<acc_t>(hrow[q - q * h_dx]), mrow, arow, q);
+      gorow -= go_dy;
+      hrow += K - h_dy;
+      if (mrow) mrow += K * V;
+      if (arow) arow += K * V;
+    }
+  } else {
+    int iq = ty / s, ir = ty - iq * s;
+    const int jq0 = tx / s, jr0 = tx - jq0 * s;
+    ELSA_NO_UNROLL
+    for (int p = 0; p < K; ++p) {
+      if (ir == 0 && iq >= 0 && iq < g.Ho) {
+        const T* gorow = gob + iq * A.gos.h;
+        const T* hrow = hb + iq * A.hs.h;
+        int jq = jq0, jr = jr0;
+        ELSA_UNROLL_ROW
+        for (int q = 0; q < K; ++q) {
+          if (jr == 0 && jq >= 0 && jq < g.Wo) {
+            const int t = p * K + q;
+            weighted_tap<T, V>(acc, gorow + jq * A.gos.w, static_cast<acc_t>(hrow[jq * A.hs.w + t]), mp, ap, t);
+          }
+          jq -= g.d_div_s;
+          jr -= g.d_mod_s;
+          if (jr < 0) {
+            jr += s;
+            --jq;
+          }
+        }
+      }
+      iq -= g.d_div_s;
+      ir -= g.d_mod_s;
+      if (ir < 0) {
+        ir += s;
+        --iq;
+      }
+    }
+  }
+  store_vec<T, V>(A.gx + b * A.gxs.b + y * A.gxs.h + x * A.gxs.w + c, acc);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gradients of the attention and of the ghost kernels in one pass: both are sums of the products
+// go[b, i, j, c] * x[b, i*s + dy_t, j*s + dx_t, c], over the channels of a head for the attention and
+// over pixels for the ghost kernels, so grad_out, x and h are read once for all three.
+//
+// A block owns one (image tile, head, chunk) and its threads own (channel vector, tap) pairs of that head;
+// consecutive threads take consecutive channel vectors of one tap, so their loads are coalesced. The block
+// walks its tile P pixels at a time:
+//   1. threads < P store the step's pixels (coordinates and tensor offsets) in shared memory;
+//   2. every thread forms its pairs' products for the P pixels: it adds them to its ghost sums (registers,
+//      across the whole tile) and stores their ghost_mul-weighted channel sum per pixel in shared memory;
+//   3. threads sum those over the head's channel vectors in a fixed order and write the attention gradient.
+// At the end each thread writes its pairs' ghost sums as the tile's partial sums; ghost_reduce_item sums
+// the tiles in a fixed order. Nothing is atomic, so results are bit-identical from run to run.
+//
+// A head with more than kMaxPairs (channel vector, tap) pairs is split into chunks of CVB channel vectors
+// times TB taps (blockIdx.z); when its channels are split (CV chunks > 1), the attention gradient goes to
+// one partial per channel chunk, summed in order by attn_chunk_sum_item. CVB divides the head's channel
+// vectors, so every pair of a chunk whose tap exists is live and step 3 reads only slots step 2 wrote.
+constexpr int kAttnThreads = 256;
+constexpr int kPairsPerThread = 2;
+constexpr int kMaxPairs = kAttnThreads * kPairsPerThread;
+
+template <typename T>
+struct AttnGhostArgs {
+  Geo g;
+  const T* go;
+  Strides gos;
+  const T* x;
+  Strides xs;
+  const T* h;  // needed for grad_mul only
+  AttnStrides hs;
+  const acc_of<T>* m;  // weights the attention gradient; null: 1
+  int64_t m_b;
+  // Outputs; null when not asked for.
+  T* gh;              // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
+  acc_of<T>* gh_part; // [channel chunks, B, Ho, Wo, G, K*K], when they are several
+  acc_of<T>* part_mul;  // [B * tiles, K*K, C] ghost partial sums
+  acc_of<T>* part_add;
+  // Work split.
+  int tiles;        // tiles per image
+  int tile_pixels;  // pixels per tile (the last one may have fewer)
+  int P;            // pixels per step
+  int CVB, TB;      // channel vectors and taps per chunk
+  int c_chunks;     // chunks along the head's channel vectors; blockIdx.z = tap chunk * c_chunks + c chunk
+};
+
+// What a thread keeps in registers across the steps of its tile.
+template <typename A, int V>
+struct AttnGhostThread {
+  bool live[kPairsPerThread];
+  int c[kPairsPerThread], t[kPairsPerThread], dy[kPairsPerThread], dx[kPairsPerThread];
+  int64_t x_off[kPairsPerThread];  // the tap's offset in x from its output pixel, plus the channel
+  A mv[kPairsPerThread][V], sum_mul[kPairsPerThread][V], sum_add[kPairsPerThread][V];
+};
+
+// One output pixel of a step, as every pair needs it: computed once per step by one thread.
+struct StepPixel {
+  int64_t go, x, h;  // offsets of the pixel in grad_out and x (channel 0) and in h (the head's tap 0)
+  int ys, xs;        // i * stride and j * stride
+  int pix;           // i * Wo + j, or -1 past the tile's end
+  int pad;
+};
+
+// Shared memory of one block: P step pixels, then P * CVB * TB weighted sums.
+template <typename T>
+ELSA_HD int64_t attn_ghost_shared_bytes(const AttnGhostArgs<T>& A) {
+  return int64_t(A.P) * sizeof(StepPixel) + int64_t(A.P) * A.CVB * A.TB * sizeof(acc_of<T>);
+}
+
+template <typename T>
+ELSA_HD int attn_ghost_t_chunks(const AttnGhostArgs<T>& A) {
+  return (A.g.K * A.g.K + A.TB - 1) / A.TB;
+}
+
+// `Block` runs a lambda for each of its threads with that thread's AttnGhostThread (`threads`), gives the
+// block's dynamic shared memory (`shared`) and places barriers (`sync`); a barrier separates every two
+// `threads` steps.
+template <typename T, int KT, int V, class Block>
+ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_index, int grp, int chunk) {
+  using acc_t = acc_of<T>;
+  using Thread = AttnGhostThread<acc_t, V>;
+  const Geo& g = A.g;
+  const int K = kernel_size<KT>(g), r = K / 2, KK = K * K;
+  const int b = tile_index / A.tiles, tile = tile_index - b * A.tiles;
+  const int tc = chunk / A.c_chunks, cc = chunk - tc * A.c_chunks;
+  const int npairs = A.CVB * A.TB;
+  const int pix0 = tile * A.tile_pixels;
+  const int pix1 = pix0 + A.tile_pixels < g.Ho * g.Wo ? pix0 + A.tile_pixels : g.Ho * g.Wo;
+  const int cv_in_group = g.cpg / V;
+  StepPixel* s_pix = reinterpret_cast<StepPixel*>(blk.shared());
+  acc_t* s_sum = reinterpret_cast<acc_t*>(s_pix + A.P);
+  const bool need_attn = A.gh || A.gh_part, need_mul = A.part_mul, need_add = A.part_add;
+
+  blk.threads([&](int tid, Thread& th) {
+    ELSA_UNROLL
+    for (int k = 0; k < kPairsPerThread; ++k) {
+      const int e = tid + k * kAttnThreads;
+      const int cvl = e % A.CVB, tl = e / A.CVB;
+      const int cv = cc * A.CVB + cvl, t = tc * A.TB + tl;
+      th.live[k] = e < npairs && cv < cv_in_group && t < KK;
+      th.c[k] = grp * g.cpg + cv * V;
+      th.t[k] = t;
+      const int p = t / K, q = t - p * K;
+      th.dy[k] = (p - r) * g.dilation;
+      th.dx[k] = (q - r) * g.dilation;
+      th.x_off[k] = th.dy[k] * A.xs.h + th.dx[k] * A.xs.w + th.c[k];
+      ELSA_UNROLL
+      for (int e2 = 0; e2 < V; ++e2) {
+        th.mv[k][e2] = 1;
+        th.sum_mul[k][e2] = 0;
+        th.sum_add[k][e2] = 0;
+      }
+      if (th.live[k] && A.m) load_acc<acc_t, V>(A.m + b * A.m_b + (int64_t(th.c[k] / V) * KK + t) * V, th.mv[k]);
+    }
+  });
+  blk.sync();
+
+  for (int start = pix0; start < pix1; start += A.P) {
+    // 1. the step's pixels
+    blk.threads([&](int tid, Thread&) {
+      if (tid < A.P) {
+        const int pix = start + tid;
+        StepPixel sp{};
+        sp.pix = -1;
+        if (pix < pix1) {
+          const int i = pix / g.Wo, j = pix - i * g.Wo;
+          sp.go = b * A.gos.b + i * A.gos.h + j * A.gos.w;
+          sp.ys = i * g.stride;
+          sp.xs = j * g.stride;
+          sp.x = b * A.xs.b + sp.ys * A.xs.h + sp.xs * A.xs.w;
+          sp.h = b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
+          sp.pix = pix;
+        }
+        s_pix[tid] = sp;
+      }
+    });
+    blk.sync();
+    // 2. products of the threads' pairs (the loop twice: with and without grad ghost_mul, which also reads h)
+    auto products = [&]<bool kMul>(int tid, Thread& th) {
+      ELSA_UNROLL
+      for (int k = 0; k < kPairsPerThread; ++k) {
+        if (!th.live[k]) continue;
+        const int e = tid + k * kAttnThreads;
+        for (int n = 0; n < A.P; ++n) {
+          const StepPixel& sp = s_pix[n];
+          const int y = sp.ys + th.dy[k], xx = sp.xs + th.dx[k];
+          acc_t weighted = 0;
+          if (sp.pix >= 0 && y >= 0 && y < g.H && xx >= 0 && xx < g.W) {
+            acc_t gv[V], xv[V];
+            load_vec<T, V>(A.go + sp.go + th.c[k], gv);
+            load_vec<T, V>(A.x + sp.x + th.x_off[k], xv);
+            acc_t w = 0;
+            if constexpr (kMul) w = static_cast<acc_t>(A.h[sp.h + th.t[k]]);
+            ELSA_UNROLL
+            for (int e2 = 0; e2 < V; ++e2) {
+              const acc_t prod = gv[e2] * xv[e2];
+              weighted += prod * th.mv[k][e2];
+              th.sum_add[k][e2] += prod;
+              if constexpr (kMul) th.sum_mul[k][e2] += prod * w;
+            }
+          }
+          s_sum[n * npairs + e] = weighted;
+        }
+      }
+    };
+    blk.threads([&](int tid, Thread& th) {
+      if (need_mul) {
+        products.template operator()<true>(tid, th);
+      } else {
+        products.template operator()<false>(tid, th);
+      }
+    });
+    blk.sync();
+    // 3. the attention gradient: each (pixel, tap) summed over the chunk's channel vectors, in order
+    if (need_attn) {
+      blk.threads([&](int tid, Thread&) {
+        for (int n = 0; n < A.P; ++n) {
+          if (s_pix[n].pix < 0) continue;
+          const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + s_pix[n].pix) * g.G + grp;
+          for (int tl = tid; tl < A.TB; tl += kAttnThreads) {
+            const int t = tc * A.TB + tl;
+            if (t >= KK) break;
+            acc_t total = 0;
+            const acc_t* sums = s_sum + n * npairs + tl * A.CVB;
+            for (int cvl = 0; cvl < A.CVB; ++cvl) total += sums[cvl];
+            if (A.gh) {
+              A.gh[out_pix * KK + t] = static_cast<T>(total);
+            } else {
+              const int64_t numel = int64_t(g.B) * g.Ho * g.Wo * g.G * KK;
+              A.gh_part[cc * numel + out_pix * KK + t] = total;
+            }
+          }
+        }
+      });
+      blk.sync();
+    }
+  }
+
+  if (need_mul || need_add) {
+    blk.threads([&](int, Thread& th) {
+      ELSA_UNROLL
+      for (int k = 0; k < kPairsPerThread; ++k) {
+        if (!th.live[k]) continue;
+        const int64_t at = (int64_t(tile_index) * KK + th.t[k]) * g.C + th.c[k];
+        ELSA_UNROLL
+        for (int e2 = 0; e2 < V; ++e2) {
+          if (need_mul) A.part_mul[at + e2] = th.sum_mul[k][e2];
+          if (need_add) A.part_add[at + e2] = th.sum_add[k][e2];
+        }
+      }
+    });
+  }
+}
+
+// Ghost gradients: out[u, c, t] = sum of part[tile, t, c] over the tiles of unit u (all tiles for a broadcast
+// kernel, the tiles of image u for a per-image one), in tile order. One item per (u, t, c), c fastest.
+template <typename A>
+struct GhostReduceArgs {
+  const A* part;  // [units * tiles_per_unit, K*K, C]
+  A* out;         // [units, C, K*K]
+  int64_t units, tiles_per_unit, KK, C;
+};
+
+template <typename A>
+ELSA_HD void ghost_reduce_item(const GhostReduceArgs<A>& R, int64_t item) {
+  const int64_t table = R.KK * R.C;
+  const int64_t u = item / table, rest = item - u * table, t = rest / R.C, c = rest - t * R.C;
+  A total = 0;
+  const A* p = R.part + u * R.tiles_per_unit * table + t * R.C + c;
+  for (int64_t k = 0; k < R.tiles_per_unit; ++k) total += p[k * table];
+  R.out[u * table + c * R.KK + t] = total;
+}
+
+// Attention gradient of heads split into several channel chunks: the chunks' partials summed in order.
+template <typename T>
+struct ChunkSumArgs {
+  const acc_of<T>* part;  // [chunks, numel]
+  T* out;
+  int64_t numel;
+  int chunks;
+};
+
+template <typename T>
+ELSA_HD void attn_chunk_sum_item(const ChunkSumArgs<T>& S, int64_t item) {
+  acc_of<T> total = 0;
+  for (int k = 0; k < S.chunks; ++k) total += S.part[k * S.numel + item];
+  S.out[item] = static_cast<T>(total);
+}
+
+}  // namespace elsa_op::gpu

@@ -1,0 +1,288 @@
+// Host side of the CUDA operator: argument checks, layouts at the boundary, the work split, and the
+// choice of kernel instantiation. Written over a `Runner` that launches the kernels (elsa_kernel.cu) or
+// runs their bodies on CPU (the emulation in tests/), so both go through exactly this code.
+//
+// Runner interface (T, KT, V as in kernels.cuh):
+//   template <typename T, int KT, int V> void forward(const ForwardArgs<T>&, int rows);
+//   template <typename T, int KT, int V> void features(const FeaturesArgs<T>&, int rows);
+//   template <typename T, int KT, int V> void attn_ghost(const AttnGhostArgs<T>&, int blocks_x);
+//   template <typename A> void ghost_reduce(const GhostReduceArgs<A>&, int64_t items);
+//   template <typename T> void chunk_sum(const ChunkSumArgs<T>&);
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "../elsa_common.h"
+#include "kernels.cuh"
+
+namespace elsa_op::gpu {
+
+constexpr int kItemThreads = 256;  // threads per block of the per-item kernels
+constexpr int kMaxGridY = 65535;
+
+// Grid of the per-item kernels: x covers the items of a row (check_int32 keeps them below 2^31), y the rows,
+// strided when there are more than kMaxGridY.
+struct ItemGrid {
+  int64_t x, y;
+};
+inline ItemGrid item_grid(int64_t items_per_row, int64_t rows) {
+  return ItemGrid{(items_per_row + kItemThreads - 1) / kItemThreads, std::min<int64_t>(rows, kMaxGridY)};
+}
+
+// Grid of the grid-stride kernels (ghost_reduce, chunk_sum).
+inline int64_t stride_grid(int64_t items) {
+  return std::min<int64_t>((items + kItemThreads - 1) / kItemThreads, int64_t(1) << 20);
+}
+
+// Calls f.template operator()<T, KT, V>() for the instantiation that serves this call: K a compile-time
+// constant for odd K up to 13 with full 16-byte vectors; the runtime-K kernel for larger K, for double,
+// and for channel counts or strides that 16-byte vectors do not fit (V = 1).
+template <class F>
+void dispatch(at::ScalarType type, int64_t K, bool full_vectors, F&& f) {
+  auto by_k = [&]<typename T, int V>() {
+    if constexpr (V > 1 && !std::is_same_v<T, double>) {
+      switch (K) {
+        case 1: return f.template operator()<T, 1, V>();
+        case 3: return f.template operator()<T, 3, V>();
+        case 5: return f.template operator()<T, 5, V>();
+        case 7: return f.template operator()<T, 7, V>();
+        case 9: return f.template operator()<T, 9, V>();
+        case 11: return f.template operator()<T, 11, V>();
+        case 13: return f.template operator()<T, 13, V>();
+        default: return f.template operator()<T, 0, V>();
+      }
+    } else {
+      return f.template operator()<T, 0, V>();
+    }
+  };
+  auto by_v = [&]<typename T>() {
+    constexpr int full = 16 / sizeof(T);
+    if (full_vectors) return by_k.template operator()<T, full>();
+    return by_k.template operator()<T, 1>();
+  };
+  switch (type) {
+    case at::kFloat: return by_v.template operator()<float>();
+    case at::kDouble: return by_v.template operator()<double>();
+    case at::kHalf: return by_v.template operator()<c10::Half>();
+    case at::kBFloat16: return by_v.template operator()<c10::BFloat16>();
+    default: TORCH_CHECK(false, "elsa: unsupported dtype ", type);
+  }
+}
+
+// Elements per 16-byte vector.
+inline int full_vector(at::ScalarType type) { return 16 / static_cast<int>(c10::elementSize(type)); }
+
+// Channels-last view of features or gradients: kept when channels are unit-stride, else copied once.
+inline at::Tensor as_channels_last(const at::Tensor& t) {
+  return t.size(1) == 1 || t.stride(1) == 1 ? t : t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Attention with unit tap stride: kept when it has it ([B, Ho, Wo, G, K*K] memory), else copied once.
+inline at::Tensor attn_taps_last(const at::Tensor& h) {
+  return h.size(2) == 1 || h.stride(2) == 1 ? h : h.permute({0, 3, 4, 1, 2}).contiguous().permute({0, 3, 4, 1, 2});
+}
+
+inline Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3)}; }
+inline AttnStrides attn_strides_of(const at::Tensor& h) {
+  return AttnStrides{h.stride(0), h.stride(3), h.stride(4), h.stride(1)};
+}
+
+// Whether 16-byte vectors fit: whole vectors per head, and vector-aligned pointers and pixel strides.
+inline bool vectors_fit(const ElsaGeometry& g, std::initializer_list<const at::Tensor*> tensors) {
+  const int v = full_vector((*tensors.begin())->scalar_type());
+  if ((g.C / g.G) % v != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+    for (int d : {0, 2, 3})
+      if (t->size(d) > 1 && t->stride(d) % v != 0) return false;
+  }
+  return true;
+}
+
+// Ghost kernels as [U, C/V, K*K, V] tables in the accumulation type (a copy of C*K*K values per unit).
+inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const ElsaGeometry& g, at::ScalarType acc, int V) {
+  if (!t) return at::Tensor();
+  return t->to(acc).reshape({t->dim() == 4 ? g.B : 1, g.C / V, V, g.kk()}).transpose(2, 3).contiguous();
+}
+
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The kernels compute in-plane coordinates and per-row indices in 32 bits.
+inline void check_int32(const ElsaGeometry& g) {
+  constexpr int64_t lim = (int64_t(1) << 31) - 1;
+  TORCH_CHECK(std::max(g.H, g.W) + g.radius() * g.dilation + g.stride < lim && g.C < lim &&
+                  g.B * std::max(g.H, g.Ho) < lim && std::max(g.W, g.Wo) * g.C < lim,
+              "elsa (CUDA): this geometry (", g.H, "x", g.W, " image, ", g.C, " channels, batch ", g.B,
+              ", kernel_size ", g.K, ", dilation ", g.dilation, ") needs coordinates beyond 32 bits; "
+              "use a smaller dilation or image, or the CPU operator");
+}
+
+template <int V>
+Geo make_geo(const ElsaGeometry& g) {
+  return Geo{int(g.B), int(g.C), int(g.H), int(g.W), int(g.G), int(g.K), int(g.dilation), int(g.stride),
+             int(g.Ho), int(g.Wo), int(g.C / g.G), int(g.C / V), int(g.dilation / g.stride),
+             int(g.dilation % g.stride)};
+}
+
+template <typename A>
+inline const A* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+inline int64_t table_batch_stride(const at::Tensor& t, const ElsaGeometry& g) {
+  return t.defined() && t.size(0) > 1 ? g.kk() * g.C : 0;
+}
+
+// Results in the caller's layout: channels-last callers get channels-last results (no copy).
+inline at::Tensor to_caller_layout(const at::Tensor& result, bool channels_last) {
+  return channels_last ? result : result.contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------------
+template <class Runner>
+at::Tensor forward_impl(Runner& run, const at::Tensor& features, const at::Tensor& h_attn,
+                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
+                        int64_t kernel_size, int64_t dilation, int64_t stride) {
+  const auto g = check_forward_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride);
+  check_int32(g);
+  const auto acc = acc_type(features.scalar_type());
+  const auto x = as_channels_last(features), h = attn_taps_last(h_attn);
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() > 0) {
+    dispatch(x.scalar_type(), g.K, vectors_fit(g, {&x, &out}), [&]<typename T, int KT, int V>() {
+      using A = acc_of<T>;
+      const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
+      const ForwardArgs<T> args{make_geo<V>(g), x.const_data_ptr<T>(), strides_of(x), h.const_data_ptr<T>(),
+                                attn_strides_of(h), ptr_or_null<A>(m), table_batch_stride(m, g), ptr_or_null<A>(a),
+                                table_batch_stride(a, g), out.mutable_data_ptr<T>(), strides_of(out)};
+      run.template forward<T, KT, V>(args, int(g.B * g.Ho));
+    });
+  }
+  return to_caller_layout(out, is_channels_last(features));
+}
+
+template <class Runner>
+at::Tensor backward_features_impl(Runner& run, const at::Tensor& grad_out, const at::Tensor& h_attn,
+                                  const std::optional<at::Tensor>& ghost_mul,
+                                  const std::optional<at::Tensor>& ghost_add, int64_t height, int64_t width,
+                                  int64_t kernel_size, int64_t dilation, int64_t stride) {
+  const auto g = check_backward_features_args(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size,
+                                              dilation, stride);
+  check_int32(g);
+  const auto acc = acc_type(grad_out.scalar_type());
+  const auto go = as_channels_last(grad_out), h = attn_taps_last(h_attn);
+  auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (gx.numel() > 0) {
+    dispatch(go.scalar_type(), g.K, vectors_fit(g, {&go, &gx}), [&]<typename T, int KT, int V>() {
+      using A = acc_of<T>;
+      const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
+      const FeaturesArgs<T> args{make_geo<V>(g), go.const_data_ptr<T>(), strides_of(go), h.const_data_ptr<T>(),
+                                 attn_strides_of(h), ptr_or_null<A>(m), table_batch_stride(m, g), ptr_or_null<A>(a),
+                                 table_batch_stride(a, g), gx.mutable_data_ptr<T>(), strides_of(gx)};
+      run.template features<T, KT, V>(args, int(g.B * g.H));
+    });
+  }
+  return to_caller_layout(gx, is_channels_last(grad_out));
+}
+
+// How the attention/ghost pass splits its work (see attn_ghost_block).
+struct AttnGhostPlan {
+  int CVB, TB, c_chunks, t_chunks, P, tiles, tile_pixels;
+};
+
+inline AttnGhostPlan plan_attn_ghost(const ElsaGeometry& g, int V, int64_t acc_size) {
+  AttnGhostPlan p{};
+  const int cv = int(g.C / g.G / V), kk = int(g.kk());
+  // Largest divisor of the head's channel vectors with CVB * min(K*K, ...) pairs within kMaxPairs.
+  p.CVB = 1;
+  for (int d = 1; d <= cv; ++d)
+    if (cv % d == 0 && int64_t(d) * std::min(kk, kMaxPairs) <= kMaxPairs) p.CVB = d;
+  p.TB = std::min(kk, kMaxPairs / p.CVB);
+  p.c_chunks = cv / p.CVB;
+  p.t_chunks = (kk + p.TB - 1) / p.TB;
+  // Shared memory for the step's weighted sums: 32 KiB.
+  p.P = int(std::clamp<int64_t>(32768 / (int64_t(p.CVB) * p.TB * acc_size), 1, 8));
+  // About 4096 blocks in all, each tile a multiple of P pixels. The split depends only on the shapes, so
+  // the reduction order, and with it every bit of the result, is the same on every run and GPU.
+  const int64_t plane = g.Ho * g.Wo, others = std::max<int64_t>(1, g.B * g.G * p.c_chunks * p.t_chunks);
+  const int64_t want = std::clamp<int64_t>((4096 + others - 1) / others, 1, (plane + p.P - 1) / p.P);
+  const int64_t per_tile = ((plane + want - 1) / want + p.P - 1) / p.P * p.P;
+  p.tile_pixels = int(per_tile);
+  p.tiles = int((plane + per_tile - 1) / per_tile);
+  return p;
+}
+
+// Gradients of the attention (in the features' dtype) and of the ghost kernels (in the accumulation type:
+// float32 under half or bfloat16). One not asked for is an empty tensor.
+template <class Runner>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
+    Runner& run, const at::Tensor& grad_out, const at::Tensor& features, const std::optional<at::Tensor>& h_attn,
+    const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t kernel_size, int64_t dilation, int64_t stride,
+    bool need_attn, bool need_mul, bool need_add, bool mul_batched, bool add_batched) {
+  const auto g = check_backward_attn_ghost_args(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation,
+                                                stride, need_mul);
+  check_int32(g);
+  const auto acc = acc_type(features.scalar_type());
+  const auto go = as_channels_last(grad_out), x = as_channels_last(features);
+  const auto h = need_mul ? attn_taps_last(*h_attn) : at::Tensor();
+  const auto empty = at::empty({0}, x.options());
+  auto gh = need_attn ? at::empty({g.B, g.Ho, g.Wo, g.G, g.kk()}, x.options()) : empty;
+  at::Tensor gm, ga;
+  std::tie(gm, ga) = empty_ghost_grads(g, mul_batched, add_batched, need_mul, need_add, x.options().dtype(acc));
+  if (!need_attn && !need_mul && !need_add) return {empty, gm, ga};
+  const int V = vectors_fit(g, {&go, &x}) ? full_vector(x.scalar_type()) : 1;
+  const auto plan = plan_attn_ghost(g, V, c10::elementSize(acc));
+  const int64_t tiles = g.B * plan.tiles;
+  TORCH_CHECK(tiles < (int64_t(1) << 31) && g.G <= kMaxGridY && int64_t(plan.c_chunks) * plan.t_chunks <= kMaxGridY,
+              "elsa (CUDA): too many heads or blocks for one launch");
+  auto part_opts = x.options().dtype(acc);
+  const auto part_mul = need_mul ? at::empty({tiles, g.kk(), g.C}, part_opts) : at::Tensor();
+  const auto part_add = need_add ? at::empty({tiles, g.kk(), g.C}, part_opts) : at::Tensor();
+  const auto gh_part = need_attn && plan.c_chunks > 1 ? at::empty({plan.c_chunks, gh.numel()}, part_opts) : at::Tensor();
+  dispatch(x.scalar_type(), g.K, V > 1, [&]<typename T, int KT, int VV>() {
+    using A = acc_of<T>;
+    const auto m = need_attn ? ghost_table(ghost_mul, g, acc, VV) : at::Tensor();
+    auto mut = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<A>() : nullptr; };
+    AttnGhostArgs<T> args{};
+    args.g = make_geo<VV>(g);
+    args.go = go.const_data_ptr<T>();
+    args.gos = strides_of(go);
+    args.x = x.const_data_ptr<T>();
+    args.xs = strides_of(x);
+    args.h = need_mul ? h.const_data_ptr<T>() : nullptr;
+    args.hs = need_mul ? attn_strides_of(h) : AttnStrides{};
+    args.m = ptr_or_null<A>(m);
+    args.m_b = table_batch_stride(m, g);
+    args.gh = need_attn && plan.c_chunks == 1 ? gh.mutable_data_ptr<T>() : nullptr;
+    args.gh_part = mut(gh_part);
+    args.part_mul = mut(part_mul);
+    args.part_add = mut(part_add);
+    args.tiles = plan.tiles;
+    args.tile_pixels = plan.tile_pixels;
+    args.P = plan.P;
+    args.CVB = plan.CVB;
+    args.TB = plan.TB;
+    args.c_chunks = plan.c_chunks;
+    if (tiles > 0) run.template attn_ghost<T, KT, VV>(args, int(tiles));
+    if (gh_part.defined() && gh.numel() > 0)
+      run.template chunk_sum<T>(ChunkSumArgs<T>{gh_part.const_data_ptr<A>(), gh.mutable_data_ptr<T>(), gh.numel(),
+                                                plan.c_chunks});
+    for (auto [need, batched, part, out] : {std::tuple{need_mul, mul_batched, &part_mul, &gm},
+                                            std::tuple{need_add, add_batched, &part_add, &ga}}) {
+      if (!need) continue;
+      const int64_t units = batched ? g.B : 1;
+      // (An empty batch has no tiles: a broadcast kernel's gradient is then a sum of nothing, 0.)
+      const GhostReduceArgs<A> r{tiles > 0 ? part->template const_data_ptr<A>() : nullptr,
+                                 out->template mutable_data_ptr<A>(), units, batched ? plan.tiles : tiles, g.kk(), g.C};
+      if (out->numel() > 0) run.template ghost_reduce<A>(r, out->numel());
+    }
+  });
+  // The attention gradient in the layout a channels-last model makes its attention, else NCHW-like.
+  const auto gh_view = need_attn ? gh.permute({0, 3, 4, 1, 2}) : gh;
+  return {need_attn ? to_caller_layout(gh_view, is_channels_last(features)) : gh_view, gm, ga};
+}
+
+}  // namespace elsa_op::gpu

@@ -1,0 +1,163 @@
+"""The CUDA kernels' maths, checked without a GPU.
+
+tests/cuda_emulation/emulation.cpp compiles the CUDA operator's host code (elsa_op/csrc/cuda/launch.h) and
+kernel bodies (kernels.cuh) with the host compiler and runs every launch over its full grid on CPU (shared
+memory poisoned with NaN, barriers enforced, outputs poisoned; see that file). Here its results are compared
+with elsa_reference, the op's definition, over kernel sizes, dilations, strides, dtypes, layouts, ghost
+kernels, gradient subsets, small images, chunked heads and indices past 2^31.
+"""
+import hashlib
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from op_cases import assert_close_scaled, make_case, reference_grads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = REPO / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    # torch rebuilds when the sources or flags change; the flags carry a hash of the headers, so that an edit
+    # of the kernels is never tested against a stale build.
+    headers = sorted((REPO / "elsa_op" / "csrc").rglob("*.h")) + sorted((REPO / "elsa_op" / "csrc").rglob("*.cuh"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in headers)).hexdigest()[:16]
+    return load(name="elsa_cuda_emulation", sources=[str(REPO / "tests" / "cuda_emulation" / "emulation.cpp")],
+                extra_include_paths=[str(REPO / "elsa_op" / "csrc" / "cuda")],
+                extra_cflags=["-std=c++20", "-O1", f"-DELSA_HEADERS_{digest}"], build_directory=str(build))
+
+
+def _check(emu, B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, subsets=None):
+    x, h, go, m, a, xl, hl, gol = make_case(B, C, H, W, G, K, dilation, stride, dtype, ghost, layout)
+    out_ref, (gx_ref, gh_ref, gm_ref, ga_ref) = reference_grads(x, h, go, m, a, K, dilation, stride)
+    ran = []
+
+    out, r = emu.forward(xl, hl, m, a, K, dilation, stride, -1)
+    ran += r
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == (layout != "nchw")
+    assert_close_scaled(out, out_ref, dtype, "forward")
+
+    gx, r = emu.backward_features(gol, hl, m, a, H, W, K, dilation, stride, -1)
+    ran += r
+    assert_close_scaled(gx, gx_ref, dtype, "grad features")
+
+    mul_batched = m is not None and m.dim() == 4
+    add_batched = a is not None and a.dim() == 4
+    for need in subsets or itertools.product((False, True), repeat=3):
+        need_attn, need_mul, need_add = need[0], need[1] and m is not None, need[2] and a is not None
+        gh, gm, ga, r = emu.backward_attn_ghost(gol, xl, hl, m, G, K, dilation, stride, need_attn, need_mul,
+                                                need_add, mul_batched, add_batched, -1)
+        ran += r
+        if need_attn:
+            assert gh.dtype == dtype
+            assert_close_scaled(gh, gh_ref, dtype, f"grad attention {need}")
+        else:
+            assert gh.numel() == 0
+        for grad, ref, needed, name in ((gm, gm_ref, need_mul, "ghost_mul"), (ga, ga_ref, need_add, "ghost_add")):
+            if needed:
+                # Ghost gradients are float32 beside half/bfloat16 (float64 for float64).
+                assert grad.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                assert_close_scaled(grad, ref, torch.float32 if dtype == torch.bfloat16 else dtype, f"grad {name} {need}")
+            else:
+                assert grad.numel() == 0
+    return ran
+
+
+CASES = [
+    # B, C, H, W, G, K, dilation, stride
+    (2, 16, 9, 11, 2, 1, 1, 1),
+    (2, 16, 9, 11, 2, 3, 1, 1),
+    (2, 24, 10, 9, 3, 5, 2, 1),
+    (2, 32, 12, 13, 1, 7, 1, 2),
+    (2, 32, 16, 15, 2, 7, 1, 1),   # ELSA-Swin's K = 7: most pixels take the inside-the-image paths
+    (1, 16, 8, 10, 2, 9, 1, 3),
+    (1, 16, 6, 7, 2, 13, 1, 1),    # the image smaller than the window
+    (1, 8, 3, 2, 1, 7, 2, 2),      # 3x2 image, window 13 pixels wide
+    (2, 16, 7, 9, 2, 5, 3, 2),     # dilation not a multiple of the stride
+    (1, 16, 9, 7, 2, 3, 2, 4),     # stride larger than the dilation
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}d{}s{}".format(*c))
+def test_emulated_kernels_match_the_reference(emu, case, dtype):
+    """Every kernel, every subset of requested gradients, broadcast ghost kernels; channels-last."""
+    ran = _check(emu, *case, dtype, "broadcast", "channels_last")
+    K = case[5]
+    full = 16 // torch.tensor([], dtype=dtype).element_size()
+    kt = 0 if dtype == torch.float64 else K  # float64 runs the runtime-K kernels
+    assert f"forward<{kt},{full}>" in ran and f"features<{kt},{full}>" in ran and f"attn_ghost<{kt},{full}>" in ran
+
+
+@pytest.mark.parametrize("ghost", ["batched", "mixed", None])
+@pytest.mark.parametrize("layout", ["nchw", "slice", "misaligned"])
+def test_emulated_ghosts_and_layouts(emu, ghost, layout):
+    """Per-image and mixed ghost kernels, and every layout: NCHW (converted once at the boundary), a channel
+    slice of a wider tensor (read in place), and one off 16-byte alignment (scalar loads)."""
+    ran = _check(emu, 2, 16, 9, 10, 2, 5, 2, 2, torch.float32, ghost, layout)
+    assert ("forward<0,1>" in ran) == (layout == "misaligned")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_heads_not_a_multiple_of_the_vector(emu, dtype):
+    """6 channels per head: no whole 16-byte vectors, so the scalar, runtime-K kernels."""
+    ran = _check(emu, 2, 12, 7, 8, 2, 3, 1, 1, dtype, "broadcast", "channels_last", subsets=[(True, True, True)])
+    assert set(ran) >= {"forward<0,1>", "features<0,1>", "attn_ghost<0,1>"}
+
+
+def test_emulated_large_heads_and_kernels(emu):
+    """A head with more (channel vector, tap) pairs than a block holds: its channels and taps are split into
+    chunks and the attention gradient summed over channel chunks; K = 15 takes the runtime-K kernels."""
+    ran = _check(emu, 1, 64, 9, 8, 1, 13, 1, 1, torch.float32, "broadcast", "channels_last",
+                 subsets=[(True, True, True), (True, False, False)])
+    assert "chunk_sum" in ran
+    ran = _check(emu, 1, 16, 6, 5, 2, 15, 1, 1, torch.float32, "broadcast", "channels_last",
+                 subsets=[(True, True, True)])
+    assert "forward<0,4>" in ran
+
+
+def test_emulated_empty_batch(emu):
+    x, h, go, m, a, xl, hl, gol = make_case(0, 16, 5, 6, 2, 3, 1, 1, torch.float32, "broadcast", "channels_last")
+    out, _ = emu.forward(xl, hl, m, a, 3, 1, 1, -1)
+    assert out.shape == (0, 16, 5, 6)
+    gh, gm, ga, _ = emu.backward_attn_ghost(gol, xl, hl, m, 2, 3, 1, 1, True, True, True, False, False, -1)
+    assert gh.shape == (0, 2, 9, 5, 6) and torch.equal(gm, torch.zeros(16, 3, 3)) and torch.equal(ga, gm)
+
+
+def test_emulated_indices_past_2_31(emu):
+    """A bfloat16 batch of 2^31 + 2^18 elements per tensor: the last image's offsets pass 2^31 (and 2^32
+    bytes). Only that image is written and emulated; the rest of each tensor is never touched (pages that
+    are never touched cost no memory)."""
+    B, C, H, W, G, K = 8193, 64, 64, 64, 1, 7
+    assert B * C * H * W > 2**31
+    dtype = torch.bfloat16
+    x, h, go, m, a, *_ = make_case(1, C, H, W, G, K, 1, 1, dtype, "broadcast", "channels_last", seed=3)
+    _, (_, _, gm_ref, ga_ref) = reference_grads(x, h, go, m.expand(1, -1, -1, -1), a.expand(1, -1, -1, -1), K, 1, 1)
+    out_ref, (gx_ref, gh_ref, _, _) = reference_grads(x, h, go, m, a, K, 1, 1)
+
+    def big_like(t, attn=False):
+        if attn:  # [B, Ho, Wo, G, K*K] memory
+            big = torch.empty(B, H, W, G, K * K, dtype=dtype)
+            big[-1] = t[0].permute(2, 3, 0, 1)
+            return big.permute(0, 3, 4, 1, 2)
+        big = torch.empty(B, H, W, C, dtype=dtype)
+        big[-1] = t[0].permute(1, 2, 0)
+        return big.permute(0, 3, 1, 2)
+
+    xb, hb, gob = big_like(x), big_like(h, attn=True), big_like(go)
+    out, _ = emu.forward(xb, hb, m, a, K, 1, 1, B - 1)
+    assert_close_scaled(out[-1:], out_ref, dtype, "forward past 2^31")
+    del out
+    gx, _ = emu.backward_features(gob, hb, m, a, H, W, K, 1, 1, B - 1)
+    assert_close_scaled(gx[-1:], gx_ref, dtype, "grad features past 2^31")
+    del gx
+    gh, gm, ga, _ = emu.backward_attn_ghost(gob, xb, hb, m, G, K, 1, 1, True, True, True, True, True, B - 1)
+    assert_close_scaled(gh[-1:], gh_ref, dtype, "grad attention past 2^31")
+    assert_close_scaled(gm[-1:], gm_ref, torch.float32, "grad ghost_mul past 2^31")
+    assert_close_scaled(ga[-1:], ga_ref, torch.float32, "grad ghost_add past 2^31")
