@@ -3,6 +3,24 @@ import torch
 
 from elsa_op import elsa_reference
 
+GEOMETRIES = [
+    # B, C, H, W, G, K, dilation, stride
+    (2, 16, 9, 11, 2, 1, 1, 1),
+    (2, 16, 9, 11, 2, 3, 1, 1),
+    (2, 24, 10, 9, 3, 5, 2, 1),
+    (2, 32, 12, 13, 1, 7, 1, 2),
+    (2, 32, 16, 15, 2, 7, 1, 1),   # ELSA-Swin's K = 7: most pixels take the inside-the-image paths
+    (1, 16, 8, 10, 2, 9, 1, 3),
+    (1, 16, 6, 7, 2, 13, 1, 1),    # the image smaller than the window
+    (1, 8, 3, 2, 1, 7, 2, 2),      # 3x2 image, window 13 pixels wide
+    (2, 16, 7, 9, 2, 5, 3, 2),     # dilation not a multiple of the stride
+    (1, 16, 9, 7, 2, 3, 2, 4),     # stride larger than the dilation
+]
+
+
+def geometry_id(case) -> str:
+    return "B{}C{}H{}W{}G{}K{}d{}s{}".format(*case)
+
 
 def layout_as(t, layout, pad=0):
     """features-like [B, C, H, W] in the given memory layout (values unchanged)."""

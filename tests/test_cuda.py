@@ -8,22 +8,12 @@ import torch
 
 from conftest import cuda_only
 from elsa_op import elsa_function, elsa_reference
-from op_cases import assert_close_scaled, make_case
+from op_cases import GEOMETRIES, assert_close_scaled, geometry_id, make_case
 
 pytestmark = cuda_only
 ops = torch.ops.elsa_op
 
-CASES = [
-    # B, C, H, W, G, K, dilation, stride
-    (2, 16, 9, 11, 2, 1, 1, 1),
-    (2, 16, 9, 11, 2, 3, 1, 1),
-    (2, 24, 10, 9, 3, 5, 2, 1),
-    (2, 32, 12, 13, 1, 7, 1, 2),
-    (2, 32, 16, 15, 2, 7, 1, 1),   # ELSA-Swin's K = 7: most pixels take the inside-the-image paths
-    (1, 16, 8, 10, 2, 9, 1, 3),
-    (1, 16, 6, 7, 2, 13, 1, 1),
-    (1, 8, 3, 2, 1, 7, 2, 2),
-    (2, 16, 7, 9, 2, 5, 3, 2),
+CASES = GEOMETRIES + [
     (1, 12, 7, 8, 2, 3, 1, 1),   # heads of 6 channels: scalar loads
     (1, 64, 9, 8, 1, 13, 1, 1),  # a head split into chunks
     (1, 16, 6, 5, 2, 15, 1, 1),  # runtime K
@@ -49,7 +39,7 @@ def _all_ops(x, h, go, m, a, K, d, s, device):
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "slice", "misaligned"])
 @pytest.mark.parametrize("ghost", ["broadcast", "batched", "mixed", None])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}d{}s{}".format(*c))
+@pytest.mark.parametrize("case", CASES, ids=geometry_id)
 def test_cuda_matches_cpu_float64(case, ghost, layout):
     """Same values, same shapes and the same strides (the layout of each result) as the CPU operator."""
     B, C, H, W, G, K, d, s = case
@@ -63,7 +53,7 @@ def test_cuda_matches_cpu_float64(case, ghost, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES[1:6], ids=lambda c: "B{}C{}H{}W{}G{}K{}d{}s{}".format(*c))
+@pytest.mark.parametrize("case", GEOMETRIES[1:6], ids=geometry_id)
 def test_cuda_low_precision_matches_the_reference(case, dtype):
     """Half and bfloat16 features with float32 ghost kernels, accumulated in float32."""
     B, C, H, W, G, K, d, s = case

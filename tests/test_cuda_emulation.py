@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from op_cases import assert_close_scaled, make_case, reference_grads
+from op_cases import GEOMETRIES, assert_close_scaled, geometry_id, make_case, reference_grads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,23 +69,10 @@ def _check(emu, B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, subset
     return ran
 
 
-CASES = [
-    # B, C, H, W, G, K, dilation, stride
-    (2, 16, 9, 11, 2, 1, 1, 1),
-    (2, 16, 9, 11, 2, 3, 1, 1),
-    (2, 24, 10, 9, 3, 5, 2, 1),
-    (2, 32, 12, 13, 1, 7, 1, 2),
-    (2, 32, 16, 15, 2, 7, 1, 1),   # ELSA-Swin's K = 7: most pixels take the inside-the-image paths
-    (1, 16, 8, 10, 2, 9, 1, 3),
-    (1, 16, 6, 7, 2, 13, 1, 1),    # the image smaller than the window
-    (1, 8, 3, 2, 1, 7, 2, 2),      # 3x2 image, window 13 pixels wide
-    (2, 16, 7, 9, 2, 5, 3, 2),     # dilation not a multiple of the stride
-    (1, 16, 9, 7, 2, 3, 2, 4),     # stride larger than the dilation
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}C{}H{}W{}G{}K{}d{}s{}".format(*c))
+@pytest.mark.parametrize("case", GEOMETRIES, ids=geometry_id)
 def test_emulated_kernels_match_the_reference(emu, case, dtype):
     """Every kernel, every subset of requested gradients, broadcast ghost kernels; channels-last."""
     ran = _check(emu, *case, dtype, "broadcast", "channels_last")

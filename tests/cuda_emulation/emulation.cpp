@@ -51,37 +51,32 @@ struct EmulationRunner {
   // The instantiations that ran, "kernel<KT,V>", for the tests to see which paths they covered.
   std::vector<std::string> ran;
 
-  template <typename T, int KT, int V, typename Args, typename Item>
-  void rows_grid(const char* name, const Args& A, int rows, int64_t items_per_row, int64_t rows_per_image,
-                 Item item) {
-    ran.push_back(std::string(name) + "<" + std::to_string(KT) + "," + std::to_string(V) + ">");
-    const auto grid = item_grid(items_per_row, rows);
+  template <typename T, int KT, int V, bool kGradFeatures>
+  void gather(const GatherArgs<T>& A, int rows) {
+    const auto& g = A.g;
+    ran.push_back(std::string(kGradFeatures ? "features" : "forward") + "<" + std::to_string(KT) + "," +
+                  std::to_string(V) + ">");
+    const int64_t rows_per_image = kGradFeatures ? g.H : g.Ho, cols = kGradFeatures ? g.W : g.Wo;
+    const int64_t image = rows_per_image * cols * g.C;
+    poison(A.dst + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
+    auto item = [&](int row, int it) {
+      if constexpr (kGradFeatures) {
+        features_item<T, KT, V>(A, row, it);
+      } else {
+        forward_item<T, KT, V>(A, row, it);
+      }
+    };
+    const auto grid = item_grid(cols * g.CV, rows);
     if (only_batch >= 0) {  // the same (row, item) pairs as the grid gives these rows
       for (int64_t row = only_batch * rows_per_image; row < (only_batch + 1) * rows_per_image; ++row)
         for (int64_t bx = 0; bx < grid.x; ++bx)
-          for (int tid = 0; tid < kItemThreads; ++tid) item(A, int(row), int(bx * kItemThreads + tid));
+          for (int tid = 0; tid < kItemThreads; ++tid) item(int(row), int(bx * kItemThreads + tid));
       return;
     }
     for (int64_t by = 0; by < grid.y; ++by)
       for (int64_t bx = 0; bx < grid.x; ++bx)
         for (int tid = 0; tid < kItemThreads; ++tid)
-          for (int64_t row = by; row < rows; row += grid.y) item(A, int(row), int(bx * kItemThreads + tid));
-  }
-
-  template <typename T, int KT, int V>
-  void forward(const ForwardArgs<T>& A, int rows) {
-    const auto& g = A.g;
-    const int64_t image = int64_t(g.Ho) * g.Wo * g.C;
-    poison(A.out + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
-    rows_grid<T, KT, V>("forward", A, rows, int64_t(g.Wo) * g.CV, g.Ho, forward_item<T, KT, V>);
-  }
-
-  template <typename T, int KT, int V>
-  void features(const FeaturesArgs<T>& A, int rows) {
-    const auto& g = A.g;
-    const int64_t image = int64_t(g.H) * g.W * g.C;
-    poison(A.gx + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
-    rows_grid<T, KT, V>("features", A, rows, int64_t(g.W) * g.CV, g.H, features_item<T, KT, V>);
+          for (int64_t row = by; row < rows; row += grid.y) item(int(row), int(bx * kItemThreads + tid));
   }
 
   template <typename T, int KT, int V>

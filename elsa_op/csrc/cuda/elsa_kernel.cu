@@ -12,17 +12,17 @@
 namespace elsa_op::gpu {
 namespace {
 
-// Rows (b, output or input row) go over gridDim.y, strided; the items of a row over x.
-template <typename T, int KT, int V>
-__global__ void __launch_bounds__(kItemThreads, 2) forward_kernel(const ForwardArgs<T> args, int rows) {
+// Rows (b, row of the grid written) go over gridDim.y, strided; the items of a row over x.
+template <typename T, int KT, int V, bool kGradFeatures>
+__global__ void __launch_bounds__(kItemThreads, 2) gather_kernel(const GatherArgs<T> args, int rows) {
   const int item = blockIdx.x * kItemThreads + threadIdx.x;
-  for (int row = blockIdx.y; row < rows; row += gridDim.y) forward_item<T, KT, V>(args, row, item);
-}
-
-template <typename T, int KT, int V>
-__global__ void __launch_bounds__(kItemThreads, 2) features_kernel(const FeaturesArgs<T> args, int rows) {
-  const int item = blockIdx.x * kItemThreads + threadIdx.x;
-  for (int row = blockIdx.y; row < rows; row += gridDim.y) features_item<T, KT, V>(args, row, item);
+  for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+    if constexpr (kGradFeatures) {
+      features_item<T, KT, V>(args, row, item);
+    } else {
+      forward_item<T, KT, V>(args, row, item);
+    }
+  }
 }
 
 // kernels.cuh's Block for one CUDA thread block: the thread's state lives in registers.
@@ -63,18 +63,10 @@ __global__ void __launch_bounds__(kItemThreads) chunk_sum_kernel(const ChunkSumA
 struct CudaRunner {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  template <typename T, int KT, int V>
-  void forward(const ForwardArgs<T>& args, int rows) {
-    const auto n = item_grid(int64_t(args.g.Wo) * args.g.CV, rows);
-    const dim3 grid(unsigned(n.x), unsigned(n.y));
-    forward_kernel<T, KT, V><<<grid, kItemThreads, 0, stream>>>(args, rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  template <typename T, int KT, int V>
-  void features(const FeaturesArgs<T>& args, int rows) {
-    const auto n = item_grid(int64_t(args.g.W) * args.g.CV, rows);
-    const dim3 grid(unsigned(n.x), unsigned(n.y));
-    features_kernel<T, KT, V><<<grid, kItemThreads, 0, stream>>>(args, rows);
+  template <typename T, int KT, int V, bool kGradFeatures>
+  void gather(const GatherArgs<T>& args, int rows) {
+    const auto n = item_grid(int64_t(kGradFeatures ? args.g.W : args.g.Wo) * args.g.CV, rows);
+    gather_kernel<T, KT, V, kGradFeatures><<<dim3(unsigned(n.x), unsigned(n.y)), kItemThreads, 0, stream>>>(args, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T, int KT, int V>

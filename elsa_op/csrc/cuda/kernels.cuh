@@ -135,25 +135,27 @@ ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], const T* v, acc_of<T> w, const ac
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: out[b, i, j, c] = sum_t x[b, i*s + dy_t, j*s + dx_t, c] * (m[t, c] * h[b, i, j, g(c), t] + a[t, c]).
-// Grid: x over the (j, channel vector) items of an output row, y over the B * Ho rows (strided).
+// Forward and grad-features are one weighted gather run in opposite directions: from the features to the
+// output grid (forward_item), or from grad_out back to the features' grid (features_item). Grid: x over
+// the (column, channel vector) items of a row of the grid written, y over its B * rows rows (strided).
 template <typename T>
-struct ForwardArgs {
+struct GatherArgs {
   Geo g;
-  const T* x;
-  Strides xs;
+  const T* src;  // the features (forward) or grad_out (grad features)
+  Strides ss;
   const T* h;
   AttnStrides hs;
   const acc_of<T>* m;  // null: 1
   int64_t m_b;         // batch stride of the table: 0 when broadcast
   const acc_of<T>* a;  // null: 0
   int64_t a_b;
-  T* out;
-  Strides os;
+  T* dst;  // the output (forward) or grad_features
+  Strides ds;
 };
 
+// Forward: out[b, i, j, c] = sum_t x[b, i*s + dy_t, j*s + dx_t, c] * (m[t, c] * h[b, i, j, g(c), t] + a[t, c]).
 template <typename T, int KT, int V>
-ELSA_HD void forward_item(const ForwardArgs<T>& A, int row, int item) {
+ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
   using acc_t = acc_of<T>;
   [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
   const Geo& g = A.g;
@@ -162,7 +164,7 @@ ELSA_HD void forward_item(const ForwardArgs<T>& A, int row, int item) {
   const int b = row / g.Ho, i = row - b * g.Ho;
   const int j = item / g.CV, cv = item - j * g.CV, c = cv * V;
   const int grp = c / g.cpg;
-  const T* xb = A.x + b * A.xs.b + c;
+  const T* xb = A.src + b * A.ss.b + c;
   const T* hp = A.h + b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
   const acc_t* mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
   const acc_t* ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
@@ -175,8 +177,8 @@ ELSA_HD void forward_item(const ForwardArgs<T>& A, int row, int item) {
     // The whole window inside the image (most pixels): no bounds to check.
     // Rows one after the other (unrolling them too would only hoist loads into spilled registers), the
     // taps of a row unrolled, at compile-time offsets from pointers that step once per row.
-    const T* xrow = xb + y0 * A.xs.h + x0 * A.xs.w;
-    const int64_t dy = int64_t(g.dilation) * A.xs.h, dx = int64_t(g.dilation) * A.xs.w;
+    const T* xrow = xb + y0 * A.ss.h + x0 * A.ss.w;
+    const int64_t dy = int64_t(g.dilation) * A.ss.h, dx = int64_t(g.dilation) * A.ss.w;
     const T* hrow = hp;
     const acc_t *mrow = mp, *arow = ap;
     ELSA_NO_UNROLL
@@ -194,17 +196,17 @@ ELSA_HD void forward_item(const ForwardArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p, y += g.dilation) {
       if (y < 0 || y >= g.H) continue;
-      const T* xrow = xb + y * A.xs.h;
+      const T* xrow = xb + y * A.ss.h;
       int xx = x0;
       ELSA_UNROLL_ROW
       for (int q = 0; q < K; ++q, xx += g.dilation) {
         if (xx < 0 || xx >= g.W) continue;
         const int t = p * K + q;
-        weighted_tap<T, V>(acc, xrow + xx * A.xs.w, static_cast<acc_t>(hp[t]), mp, ap, t);
+        weighted_tap<T, V>(acc, xrow + xx * A.ss.w, static_cast<acc_t>(hp[t]), mp, ap, t);
       }
     }
   }
-  store_vec<T, V>(A.out + b * A.os.b + i * A.os.h + j * A.os.w + c, acc);
+  store_vec<T, V>(A.dst + b * A.ds.b + i * A.ds.h + j * A.ds.w + c, acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -212,24 +214,8 @@ ELSA_HD void forward_item(const ForwardArgs<T>& A, int row, int item) {
 // output pixels (i, j) and taps t with i*s + dy_t = y and j*s + dx_t = x. Walking the taps backwards
 // from tap 0, the output row i*s = y + (K/2 - p) * dilation steps down by `dilation`, which is
 // d_div_s rows plus d_mod_s in the remainder: a carried remainder replaces division in the loops.
-// Grid: x over the (x, channel vector) items of an input row, y over the B * H rows (strided).
-template <typename T>
-struct FeaturesArgs {
-  Geo g;
-  const T* go;
-  Strides gos;
-  const T* h;
-  AttnStrides hs;
-  const acc_of<T>* m;
-  int64_t m_b;
-  const acc_of<T>* a;
-  int64_t a_b;
-  T* gx;
-  Strides gxs;
-};
-
 template <typename T, int KT, int V>
-ELSA_HD void features_item(const FeaturesArgs<T>& A, int row, int item) {
+ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   using acc_t = acc_of<T>;
   [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
   const Geo& g = A.g;
@@ -238,7 +224,7 @@ ELSA_HD void features_item(const FeaturesArgs<T>& A, int row, int item) {
   const int b = row / g.H, y = row - b * g.H;
   const int x = item / g.CV, cv = item - x * g.CV, c = cv * V;
   const int grp = c / g.cpg;
-  const T* gob = A.go + b * A.gos.b + c;
+  const T* gob = A.src + b * A.ss.b + c;
   const T* hb = A.h + b * A.hs.b + grp * A.hs.g;
   const acc_t* mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
   const acc_t* ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
@@ -251,9 +237,9 @@ ELSA_HD void features_item(const FeaturesArgs<T>& A, int row, int item) {
   if (s == 1 && ty < g.Ho && ty - span >= 0 && tx < g.Wo && tx - span >= 0) {
     // Stride 1 with every tap's output pixel inside the output (most pixels): no remainders, no bounds.
     // Rows one after the other, the taps of a row unrolled (as in forward_item).
-    const T* gorow = gob + ty * A.gos.h + tx * A.gos.w;
+    const T* gorow = gob + ty * A.ss.h + tx * A.ss.w;
     const T* hrow = hb + ty * A.hs.h + tx * A.hs.w;
-    const int64_t go_dy = int64_t(g.dilation) * A.gos.h, go_dx = int64_t(g.dilation) * A.gos.w;
+    const int64_t go_dy = int64_t(g.dilation) * A.ss.h, go_dx = int64_t(g.dilation) * A.ss.w;
     const int64_t h_dy = int64_t(g.dilation) * A.hs.h, h_dx = int64_t(g.dilation) * A.hs.w;
     const acc_t *mrow = mp, *arow = ap;
     ELSA_NO_UNROLL
@@ -272,14 +258,14 @@ ELSA_HD void features_item(const FeaturesArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
       if (ir == 0 && iq >= 0 && iq < g.Ho) {
-        const T* gorow = gob + iq * A.gos.h;
+        const T* gorow = gob + iq * A.ss.h;
         const T* hrow = hb + iq * A.hs.h;
         int jq = jq0, jr = jr0;
         ELSA_UNROLL_ROW
         for (int q = 0; q < K; ++q) {
           if (jr == 0 && jq >= 0 && jq < g.Wo) {
             const int t = p * K + q;
-            weighted_tap<T, V>(acc, gorow + jq * A.gos.w, static_cast<acc_t>(hrow[jq * A.hs.w + t]), mp, ap, t);
+            weighted_tap<T, V>(acc, gorow + jq * A.ss.w, static_cast<acc_t>(hrow[jq * A.hs.w + t]), mp, ap, t);
           }
           jq -= g.d_div_s;
           jr -= g.d_mod_s;
@@ -297,7 +283,7 @@ ELSA_HD void features_item(const FeaturesArgs<T>& A, int row, int item) {
       }
     }
   }
-  store_vec<T, V>(A.gx + b * A.gxs.b + y * A.gxs.h + x * A.gxs.w + c, acc);
+  store_vec<T, V>(A.dst + b * A.ds.b + y * A.ds.h + x * A.ds.w + c, acc);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -3,8 +3,7 @@
 // runs their bodies on CPU (the emulation in tests/), so both go through exactly this code.
 //
 // Runner interface (T, KT, V as in kernels.cuh):
-//   template <typename T, int KT, int V> void forward(const ForwardArgs<T>&, int rows);
-//   template <typename T, int KT, int V> void features(const FeaturesArgs<T>&, int rows);
+//   template <typename T, int KT, int V, bool kGradFeatures> void gather(const GatherArgs<T>&, int rows);
 //   template <typename T, int KT, int V> void attn_ghost(const AttnGhostArgs<T>&, int blocks_x);
 //   template <typename A> void ghost_reduce(const GhostReduceArgs<A>&, int64_t items);
 //   template <typename T> void chunk_sum(const ChunkSumArgs<T>&);
@@ -142,26 +141,35 @@ inline at::Tensor to_caller_layout(const at::Tensor& result, bool channels_last)
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Forward (values = features, written on the output grid) or grad features (values = grad_out, written on
+// the features' grid): the two directions of kernels.cuh's weighted gather.
+template <bool kGradFeatures, class Runner>
+at::Tensor gather_impl(Runner& run, const ElsaGeometry& g, const at::Tensor& values, const at::Tensor& h_attn,
+                       const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
+  check_int32(g);
+  const auto acc = acc_type(values.scalar_type());
+  const auto src = as_channels_last(values), h = attn_taps_last(h_attn);
+  const int64_t rows = kGradFeatures ? g.H : g.Ho, cols = kGradFeatures ? g.W : g.Wo;
+  auto dst = at::empty({g.B, g.C, rows, cols}, src.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (dst.numel() > 0) {
+    dispatch(src.scalar_type(), g.K, vectors_fit(g, {&src, &dst}), [&]<typename T, int KT, int V>() {
+      using A = acc_of<T>;
+      const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
+      const GatherArgs<T> args{make_geo<V>(g), src.const_data_ptr<T>(), strides_of(src), h.const_data_ptr<T>(),
+                               attn_strides_of(h), ptr_or_null<A>(m), table_batch_stride(m, g), ptr_or_null<A>(a),
+                               table_batch_stride(a, g), dst.mutable_data_ptr<T>(), strides_of(dst)};
+      run.template gather<T, KT, V, kGradFeatures>(args, int(g.B * rows));
+    });
+  }
+  return to_caller_layout(dst, is_channels_last(values));
+}
+
 template <class Runner>
 at::Tensor forward_impl(Runner& run, const at::Tensor& features, const at::Tensor& h_attn,
                         const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                         int64_t kernel_size, int64_t dilation, int64_t stride) {
   const auto g = check_forward_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride);
-  check_int32(g);
-  const auto acc = acc_type(features.scalar_type());
-  const auto x = as_channels_last(features), h = attn_taps_last(h_attn);
-  auto out = at::empty({g.B, g.C, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() > 0) {
-    dispatch(x.scalar_type(), g.K, vectors_fit(g, {&x, &out}), [&]<typename T, int KT, int V>() {
-      using A = acc_of<T>;
-      const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
-      const ForwardArgs<T> args{make_geo<V>(g), x.const_data_ptr<T>(), strides_of(x), h.const_data_ptr<T>(),
-                                attn_strides_of(h), ptr_or_null<A>(m), table_batch_stride(m, g), ptr_or_null<A>(a),
-                                table_batch_stride(a, g), out.mutable_data_ptr<T>(), strides_of(out)};
-      run.template forward<T, KT, V>(args, int(g.B * g.Ho));
-    });
-  }
-  return to_caller_layout(out, is_channels_last(features));
+  return gather_impl<false>(run, g, features, h_attn, ghost_mul, ghost_add);
 }
 
 template <class Runner>
@@ -171,21 +179,7 @@ at::Tensor backward_features_impl(Runner& run, const at::Tensor& grad_out, const
                                   int64_t kernel_size, int64_t dilation, int64_t stride) {
   const auto g = check_backward_features_args(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size,
                                               dilation, stride);
-  check_int32(g);
-  const auto acc = acc_type(grad_out.scalar_type());
-  const auto go = as_channels_last(grad_out), h = attn_taps_last(h_attn);
-  auto gx = at::empty({g.B, g.C, g.H, g.W}, go.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (gx.numel() > 0) {
-    dispatch(go.scalar_type(), g.K, vectors_fit(g, {&go, &gx}), [&]<typename T, int KT, int V>() {
-      using A = acc_of<T>;
-      const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
-      const FeaturesArgs<T> args{make_geo<V>(g), go.const_data_ptr<T>(), strides_of(go), h.const_data_ptr<T>(),
-                                 attn_strides_of(h), ptr_or_null<A>(m), table_batch_stride(m, g), ptr_or_null<A>(a),
-                                 table_batch_stride(a, g), gx.mutable_data_ptr<T>(), strides_of(gx)};
-      run.template features<T, KT, V>(args, int(g.B * g.H));
-    });
-  }
-  return to_caller_layout(gx, is_channels_last(grad_out));
+  return gather_impl<true>(run, g, grad_out, h_attn, ghost_mul, ghost_add);
 }
 
 // How the attention/ghost pass splits its work (see attn_ghost_block).
