@@ -142,4 +142,10 @@ inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const ElsaGeometry& 
 // results, as convolutions do; ops.py's fake kernels follow the same rule. For features and grad_out.
 inline bool is_channels_last(const at::Tensor& t) { return t.dim() == 4 && t.size(1) > 1 && t.stride(1) == 1; }
 
+// A result of the channels-last kernels (either device) in the caller's layout: unchanged for channels-last
+// callers, made contiguous (NCHW, or [B, G, K*K, Ho, Wo] attention) for the others.
+inline at::Tensor to_caller_layout(const at::Tensor& result, bool channels_last) {
+  return channels_last ? result : result.contiguous();
+}
+
 }  // namespace elsa_op

@@ -15,11 +15,6 @@
 namespace elsa_op {
 namespace {
 
-// A result of the channels-last kernels in the layout of an NCHW caller.
-at::Tensor to_caller_layout(const at::Tensor& result, bool channels_last) {
-  return channels_last ? result : result.contiguous();
-}
-
 at::Tensor forward_cpu(const at::Tensor& features, const at::Tensor& h_attn,
                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                        int64_t kernel_size, int64_t dilation, int64_t stride) {

@@ -15,10 +15,6 @@
 namespace elsa_op {
 namespace {
 
-at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Features or gradients with unit channel stride, in the compute type; copied only when they are not.
 at::Tensor as_nhwc(const at::Tensor& t, at::ScalarType type) {
   auto r = t.to(type);
@@ -62,7 +58,7 @@ namespace {
 at::Tensor weighted_nhwc(const ElsaGeometry& g, const at::Tensor& values, const at::Tensor& h_attn,
                          const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                          bool grad_x) {
-  const auto type = compute_type(values);
+  const auto type = accumulation_type(values.scalar_type());
   const auto v = as_nhwc(values, type), h = attn_nhwc(h_attn, type);
   const auto m = ghost_table(ghost_mul, g, type), a = ghost_table(ghost_add, g, type);
   const int64_t rows = grad_x ? g.H : g.Ho, cols = grad_x ? g.W : g.Wo;
@@ -95,7 +91,7 @@ at::Tensor backward_features_nhwc(const ElsaGeometry& g, const at::Tensor& grad_
 
 at::Tensor backward_attn_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& features,
                               const std::optional<at::Tensor>& ghost_mul) {
-  const auto type = compute_type(features);
+  const auto type = accumulation_type(features.scalar_type());
   const auto go = as_nhwc(grad_out, type), x = as_nhwc(features, type);
   const auto m = ghost_table(ghost_mul, g, type);
   auto gh = at::empty({g.B, g.Ho, g.Wo, g.G, g.kk()}, x.options());
@@ -117,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, co
                                                        const at::Tensor& features,
                                                        const std::optional<at::Tensor>& h_attn, bool batched,
                                                        bool need_mul, bool need_add) {
-  const auto type = compute_type(features);
+  const auto type = accumulation_type(features.scalar_type());
   const auto go = as_nhwc(grad_out, type), x = as_nhwc(features, type);
   const auto h = need_mul ? attn_nhwc(*h_attn, type) : at::Tensor();
   const int64_t block_rows = std::max<int64_t>(1, 512 / g.Wo);

@@ -108,8 +108,6 @@ inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const ElsaGeom
   return t->to(acc).reshape({t->dim() == 4 ? g.B : 1, g.C / V, V, g.kk()}).transpose(2, 3).contiguous();
 }
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The kernels compute in-plane coordinates and per-row indices in 32 bits.
 inline void check_int32(const ElsaGeometry& g) {
   constexpr int64_t lim = (int64_t(1) << 31) - 1;
@@ -135,11 +133,6 @@ inline int64_t table_batch_stride(const at::Tensor& t, const ElsaGeometry& g) {
   return t.defined() && t.size(0) > 1 ? g.kk() * g.C : 0;
 }
 
-// Results in the caller's layout: channels-last callers get channels-last results (no copy).
-inline at::Tensor to_caller_layout(const at::Tensor& result, bool channels_last) {
-  return channels_last ? result : result.contiguous();
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Forward (values = features, written on the output grid) or grad features (values = grad_out, written on
 // the features' grid): the two directions of kernels.cuh's weighted gather.
@@ -147,7 +140,7 @@ template <bool kGradFeatures, class Runner>
 at::Tensor gather_impl(Runner& run, const ElsaGeometry& g, const at::Tensor& values, const at::Tensor& h_attn,
                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
   check_int32(g);
-  const auto acc = acc_type(values.scalar_type());
+  const auto acc = accumulation_type(values.scalar_type());
   const auto src = as_channels_last(values), h = attn_taps_last(h_attn);
   const int64_t rows = kGradFeatures ? g.H : g.Ho, cols = kGradFeatures ? g.W : g.Wo;
   auto dst = at::empty({g.B, g.C, rows, cols}, src.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -219,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   const auto g = check_backward_attn_ghost_args(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation,
                                                 stride, need_mul);
   check_int32(g);
-  const auto acc = acc_type(features.scalar_type());
+  const auto acc = accumulation_type(features.scalar_type());
   const auto go = as_channels_last(grad_out), x = as_channels_last(features);
   const auto h = need_mul ? attn_taps_last(*h_attn) : at::Tensor();
   const auto empty = at::empty({0}, x.options());
