@@ -6,6 +6,7 @@
 The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for
 sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise. DEBUG=1 builds with -O0 -g.
 """
+
 import glob
 import os
 import shutil
@@ -30,7 +31,7 @@ def _set_cuda_home() -> None:
 _set_cuda_home()
 
 import torch  # noqa: E402
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("elsa_op") / "csrc"

@@ -8,8 +8,9 @@ Ratios are against Swin-T measured in the same run; Swin-T and ELSA-Swin-T take 
 round. On CUDA the defaults are what training there uses: batch 128, autocast to bfloat16 and
 channels-last input, and no unfold path (at batch 128 it needs tens of GiB); on CPU batch 8, float32.
 """
-import contextlib
+
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -67,12 +68,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--amp", choices=["none", "bfloat16", "float16"], default=None,
-                        help="autocast dtype; default: bfloat16 on CUDA, none on CPU")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="models and input in channels-last memory; default: on CUDA")
-    parser.add_argument("--unfold", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run ELSA-Swin-T on the unfold path; default: on CPU only")
+    parser.add_argument(
+        "--amp",
+        choices=["none", "bfloat16", "float16"],
+        default=None,
+        help="autocast dtype; default: bfloat16 on CUDA, none on CPU",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="models and input in channels-last memory; default: on CUDA",
+    )
+    parser.add_argument(
+        "--unfold",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run ELSA-Swin-T on the unfold path; default: on CPU only",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -85,9 +98,11 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
     where = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# images/s, batch {batch}, {args.img_size}x{args.img_size}, autocast {amp_name}, "
-          f"{'channels-last' if channels_last else 'NCHW'} input, {where}, torch {torch.__version__}, "
-          f"median of {args.reps} interleaved rounds")
+    print(
+        f"# images/s, batch {batch}, {args.img_size}x{args.img_size}, autocast {amp_name}, "
+        f"{'channels-last' if channels_last else 'NCHW'} input, {where}, torch {torch.__version__}, "
+        f"median of {args.reps} interleaved rounds"
+    )
     print("| model | inference img/s | training img/s | inference vs Swin-T | training vs Swin-T |")
     print("|---|---|---|---|---|")
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=args.img_size).to(device, memory_format=fmt)
@@ -106,7 +121,7 @@ def main() -> None:
             continue
         inference += images_per_second([make_step(m, x, False, amp) for _, m in part], x, args.reps)
         training += images_per_second([make_step(m, x, True, amp) for _, m in part], x, args.reps)
-    for (name, _), inf, trn in zip(rows, inference, training):
+    for (name, _), inf, trn in zip(rows, inference, training, strict=True):
         print(f"| {name} | {inf:.1f} | {trn:.1f} | {inf / inference[0]:.2f}x | {trn / training[0]:.2f}x |")
 
 

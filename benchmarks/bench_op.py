@@ -17,6 +17,7 @@ move (each input read once, each result written once) over the time, against the
 measured device-to-device copy. `--split` adds a table per kernel: forward, gradient of the features,
 and the one pass for the gradients of the attention and the ghost kernels.
 """
+
 import argparse
 import json
 import statistics
@@ -66,8 +67,13 @@ def step(impl: str, x, h, m, a, K: int) -> None:
         out = elsa_function(x, h, m, a, kernel_size=K)
     else:  # the original expands the layer's ghost head to the batch before calling the op
         B = x.shape[0]
-        out = elsa_reference(x, h, m.expand(B, -1, -1, -1) if m is not None else None,
-                             a.expand(B, -1, -1, -1) if a is not None else None, kernel_size=K)
+        out = elsa_reference(
+            x,
+            h,
+            m.expand(B, -1, -1, -1) if m is not None else None,
+            a.expand(B, -1, -1, -1) if a is not None else None,
+            kernel_size=K,
+        )
     out.backward(torch.ones_like(out))
 
 
@@ -127,8 +133,9 @@ def time_kernels(shape, batch, device, dtype, layout, ghost, reps) -> dict:
     calls = {
         "forward": lambda: ops.elsa_forward(x, h, m, a, K, 1, 1),
         "grad features": lambda: ops.elsa_backward_features(go, h, m, a, x.shape[2], x.shape[3], K, 1, 1),
-        "grad attn+ghost": lambda: ops.elsa_backward_attn_ghost(go, x, h, m, G, K, 1, 1, True, m is not None,
-                                                                a is not None, False, False),
+        "grad attn+ghost": lambda: ops.elsa_backward_attn_ghost(
+            go, x, h, m, G, K, 1, 1, True, m is not None, a is not None, False, False
+        ),
     }
     nbytes = compulsory_bytes(x, h, m, a)
     return {name: (_median_time(fn, device, reps), nbytes[name]) for name, fn in calls.items()}
@@ -169,7 +176,9 @@ def peak_memory_cpu_child(impl, shape, batch, dtype, layout, ghost) -> int:
 def peak_memory_cpu(impl, shape, batch, dtype_name, layout, ghost) -> int:
     out = subprocess.run(
         [sys.executable, __file__, "--child-memory", impl, shape, str(batch), dtype_name, layout, ghost],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -192,15 +201,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
-    parser.add_argument("--ghost", default="add", choices=GHOSTS,
-                        help="ghost kernels given to the op: ghost_add (ELSA-Swin), ghost_mul, or both")
+    parser.add_argument(
+        "--ghost",
+        default="add",
+        choices=GHOSTS,
+        help="ghost kernels given to the op: ghost_add (ELSA-Swin), ghost_mul, or both",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 on CPU; float32 bfloat16 on CUDA")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--split", action="store_true", help="also time each kernel on its own")
-    parser.add_argument("--no-unfold", action="store_true",
-                        help="leave out the unfold path (it needs about 50x the op's memory at batch 128)")
+    parser.add_argument(
+        "--no-unfold",
+        action="store_true",
+        help="leave out the unfold path (it needs about 50x the op's memory at batch 128)",
+    )
     parser.add_argument("--child-memory", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -216,8 +232,10 @@ def main() -> None:
     dtypes = args.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
     impls = ("elsa_op",) if args.no_unfold else IMPLS
     where = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# elsa_op vs unfold, forward+backward, {where}, torch {torch.__version__}, batch {batch}, "
-          f"ghost {args.ghost}, median of {args.reps}")
+    print(
+        f"# elsa_op vs unfold, forward+backward, {where}, torch {torch.__version__}, batch {batch}, "
+        f"ghost {args.ghost}, median of {args.reps}"
+    )
     peak_bw = copy_bw = 0.0
     if cuda:
         peak_bw, copy_bw = device_peak_bandwidth(), copy_bandwidth()

@@ -10,6 +10,7 @@ which count the ELSA op through its registered formula. Peak training memory is 
 resident size (each model in a fresh process). Images/s are medians of --reps timed steps after a warm-up,
 ELSA-Swin and Swin taking turns step by step; the last column is ELSA-Swin's rate over Swin's.
 """
+
 import argparse
 import json
 import subprocess
@@ -18,13 +19,16 @@ from pathlib import Path
 
 import timm
 import torch
+from bench_models import images_per_second, make_step  # the same timing as bench_models.py (this folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models)
-from bench_models import images_per_second, make_step  # the same timing as bench_models.py (this folder)
 
-PAIRS = [("elsa_swin_tiny", "swin_tiny_patch4_window7_224"), ("elsa_swin_small", "swin_small_patch4_window7_224"),
-         ("elsa_swin_base", "swin_base_patch4_window7_224")]
+PAIRS = [
+    ("elsa_swin_tiny", "swin_tiny_patch4_window7_224"),
+    ("elsa_swin_small", "swin_small_patch4_window7_224"),
+    ("elsa_swin_base", "swin_base_patch4_window7_224"),
+]
 REPO = Path(__file__).resolve().parents[1]
 DENSE = [  # config, published parameters (M), test input (H, W)
     ("det/configs/elsa_swin/mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", 49, (800, 1344)),
@@ -82,8 +86,11 @@ def dense_rows(device: torch.device):
         model = MODELS.build(cfg.model).to(device).eval()
         params = sum(p.numel() for p in model.parameters()) / 1e6
         shape = (H, W)
-        sample = Sample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape,
-                                      scale_factor=(1.0, 1.0)))
+        sample = Sample(
+            metainfo=dict(
+                img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape, scale_factor=(1.0, 1.0)
+            )
+        )
         x = torch.randn(1, 3, H, W, device=device)
         g = gmacs(model, x, data_samples=[sample], mode="tensor")
         yield Path(config).stem, params, published, f"{H}x{W}", g
@@ -101,8 +108,10 @@ def main() -> None:
     batch = args.batch or (64 if device.type == "cuda" else 8)
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# classifiers at 224x224; memory and images/s at batch {batch}; {where}; torch {torch.__version__}")
-    print("| model | params (M) | GFLOPs | peak train memory (MiB) | inference img/s | training img/s "
-          "| vs Swin (inference / training) |")
+    print(
+        "| model | params (M) | GFLOPs | peak train memory (MiB) | inference img/s | training img/s "
+        "| vs Swin (inference / training) |"
+    )
     print("|---|---|---|---|---|---|---|")
     x = torch.randn(batch, 3, 224, 224, device=device)
     for pair in PAIRS:
@@ -111,15 +120,18 @@ def main() -> None:
         if not args.no_speed:  # ELSA-Swin and Swin take turns
             inference = images_per_second([make_step(m, x, False) for m in models], x, args.reps)
             training = images_per_second([make_step(m, x, True) for m in models], x, args.reps)
-        for k, (name, model) in enumerate(zip(pair, models)):
+        for k, (name, model) in enumerate(zip(pair, models, strict=True)):
             params = sum(p.numel() for p in model.parameters()) / 1e6
             cells = [f"{params:.2f}", f"{gmacs(model.eval(), x[:1]):.2f}"]
             if args.no_speed:
                 cells += ["-", "-", "-", "-"]
             else:
-                cells += [f"{peak_train_memory_mib(name, args.device, batch):.0f}", f"{inference[k]:.1f}",
-                          f"{training[k]:.1f}",
-                          f"{inference[k] / inference[1]:.2f}x / {training[k] / training[1]:.2f}x"]
+                cells += [
+                    f"{peak_train_memory_mib(name, args.device, batch):.0f}",
+                    f"{inference[k]:.1f}",
+                    f"{training[k]:.1f}",
+                    f"{inference[k] / inference[1]:.2f}x / {training[k] / training[1]:.2f}x",
+                ]
             print(f"| {name} | {' | '.join(cells)} |", flush=True)
         del models
     if args.no_dense:

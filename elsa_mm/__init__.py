@@ -6,6 +6,7 @@ the ELSA operator's FLOP count in mmengine's complexity analysis; configs load i
 ``custom_imports=dict(imports=['elsa_mm'])``. It changes nothing else: making mmengine checkpoints
 loadable and their writes atomic are explicit calls (:mod:`elsa_mm.compat`).
 """
+
 from .backbone import ELSASwin
 from .compat import allow_mmengine_checkpoints, write_checkpoints_atomically
 from .flops import register_flop_handles

@@ -2,7 +2,8 @@
 
 Registered in mmengine's root ``MODELS`` registry, which mmdet's and mmseg's registries search too.
 """
-from typing import Optional, Sequence
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -57,8 +58,8 @@ class ELSASwin(BaseModule):
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         use_checkpoint: bool = False,
-        pretrained: Optional[str] = None,
-        init_cfg: Optional[dict] = None,
+        pretrained: str | None = None,
+        init_cfg: dict | None = None,
     ):
         if pretrained is not None:
             if init_cfg is not None:
@@ -75,23 +76,43 @@ class ELSASwin(BaseModule):
         self.num_features = [embed_dim * 2**i for i in range(num_stages)]
 
         self.patch_embed = PatchEmbed(
-            img_size=pretrain_img_size, patch_size=patch_size, in_chans=in_channels, embed_dim=embed_dim,
-            norm_layer=nn.LayerNorm, strict_img_size=False, dynamic_img_pad=True, output_fmt="NHWC",
+            img_size=pretrain_img_size,
+            patch_size=patch_size,
+            in_chans=in_channels,
+            embed_dim=embed_dim,
+            norm_layer=nn.LayerNorm,
+            strict_img_size=False,
+            dynamic_img_pad=True,
+            output_fmt="NHWC",
         )
         self.pos_drop = nn.Dropout(drop_rate)
         grid = self.patch_embed.grid_size
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        self.layers = nn.Sequential(*[
-            ELSASwinStage(
-                dim=self.num_features[max(i - 1, 0)], out_dim=self.num_features[i],
-                input_resolution=(-(-grid[0] // 2 ** max(i - 1, 0)), -(-grid[1] // 2 ** max(i - 1, 0))),
-                depth=depths[i], downsample=i > 0, num_heads=num_heads[i], use_elsa=i < num_stages - 1,
-                window_size=window_size, elsa_kernel=elsa_kernel, group_width=group_width, lam=lam, gamma=gamma,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], dense=True,
-            )
-            for i in range(num_stages)
-        ])
+        self.layers = nn.Sequential(
+            *[
+                ELSASwinStage(
+                    dim=self.num_features[max(i - 1, 0)],
+                    out_dim=self.num_features[i],
+                    input_resolution=(-(-grid[0] // 2 ** max(i - 1, 0)), -(-grid[1] // 2 ** max(i - 1, 0))),
+                    depth=depths[i],
+                    downsample=i > 0,
+                    num_heads=num_heads[i],
+                    use_elsa=i < num_stages - 1,
+                    window_size=window_size,
+                    elsa_kernel=elsa_kernel,
+                    group_width=group_width,
+                    lam=lam,
+                    gamma=gamma,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    dense=True,
+                )
+                for i in range(num_stages)
+            ]
+        )
         for stage in self.layers:
             stage.grad_checkpointing = use_checkpoint
         for i in self.out_indices:
@@ -114,12 +135,13 @@ class ELSASwin(BaseModule):
         checkpoint = load_checkpoint_file(path, extra_safe_globals=mmengine_safe_globals())
         state_dict = unwrap_state_dict(checkpoint)
         if any(k.startswith("backbone.") for k in state_dict):  # a detector's or segmentor's checkpoint
-            state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            state_dict = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         # The classifier's final norm and head have no place in the backbone.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "norm."))}
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        print_log(f"loaded {path}: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}",
-                  logger="current")
+        print_log(
+            f"loaded {path}: missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}", logger="current"
+        )
         return missing, unexpected
 
     def _freeze_stages(self) -> None:
@@ -151,5 +173,5 @@ class ELSASwin(BaseModule):
 
 
 def _map_original_names_hook(module: ELSASwin, state_dict: dict, prefix: str, *args) -> None:
-    own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+    own = {k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
     state_dict.update({prefix + k: v for k, v in map_original_names(own, module).items()})

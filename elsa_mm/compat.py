@@ -19,6 +19,7 @@ own tools), make them loadable with weights_only=True:
   refers to them through ``getattr``, which must never be allowed; __setstate__ re-registers them anyway.
   Statistics registered by users are still saved.
 """
+
 from pathlib import Path
 
 import torch

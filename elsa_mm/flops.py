@@ -1,7 +1,8 @@
 """The ELSA operator in mmengine's complexity analysis (``get_model_complexity_info``, which mmdet's and
 mmseg's ``tools/analysis_tools/get_flops.py`` use): without a handle it skips the op with a warning and
 the FLOPs of every ELSA-Swin come out low."""
-from typing import Any, List
+
+from typing import Any
 
 from mmengine.analysis import complexity_analysis
 from mmengine.analysis.jit_handles import get_shape
@@ -9,7 +10,7 @@ from mmengine.analysis.jit_handles import get_shape
 from elsa_op.flops import elsa_forward_macs
 
 
-def elsa_forward_jit_handle(inputs: List[Any], outputs: List[Any]) -> int:
+def elsa_forward_jit_handle(inputs: list[Any], outputs: list[Any]) -> int:
     """Multiply-adds of one traced ``elsa_op::elsa_forward`` (features, h_attn, ghost_mul, ghost_add,
     kernel_size, dilation, stride)."""
     has_ghost_mul = inputs[2].type().kind() != "NoneType"

@@ -1,4 +1,5 @@
 """A Runner hook that our configs add, so that mmdet's and mmseg's own tools get what ours do."""
+
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 

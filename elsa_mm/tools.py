@@ -1,10 +1,11 @@
 """The parts of det/ and seg/ tools/train.py and tools/test.py that are the same: argument parsing,
 config loading with the original's options mapped onto mmengine, and the Runner."""
+
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from mmengine.config import Config, DictAction
@@ -19,8 +20,12 @@ from .compat import allow_mmengine_checkpoints, mmengine_safe_globals, write_che
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", help="folder for logs and checkpoints (default ./work_dirs/<config name>)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
-                        help="override config keys, e.g. model.pretrained=<file> model.backbone.use_checkpoint=True")
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="override config keys, e.g. model.pretrained=<file> model.backbone.use_checkpoint=True",
+    )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
 
@@ -34,7 +39,9 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_parser(eval_help: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.ArgumentParser:
+def test_parser(
+    eval_help: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Test a checkpoint with mmengine's Runner")
     parser.add_argument("config")
     parser.add_argument("checkpoint")
@@ -98,11 +105,16 @@ def check_fits(model: torch.nn.Module, checkpoint: dict, path: str, config: str)
         shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
         raise SystemExit(f"error: {path} does not fit the model of {config}: {'; '.join(shapes[:3]) or e}") from None
     if missing:
-        raise SystemExit(f"error: {path} does not fit the model of {config}: {len(missing)} of "
-                         f"{len(model.state_dict())} weights are missing from it (e.g. {', '.join(missing[:3])})")
+        raise SystemExit(
+            f"error: {path} does not fit the model of {config}: {len(missing)} of "
+            f"{len(model.state_dict())} weights are missing from it (e.g. {', '.join(missing[:3])})"
+        )
     if unexpected:
-        print_log(f"{path}: {len(unexpected)} weights the model does not use: {', '.join(unexpected[:5])}",
-                  logger="current", level=logging.WARNING)
+        print_log(
+            f"{path}: {len(unexpected)} weights the model does not use: {', '.join(unexpected[:5])}",
+            logger="current",
+            level=logging.WARNING,
+        )
 
 
 def train(cfg: Config, args: argparse.Namespace) -> None:
@@ -135,4 +147,3 @@ def test(cfg: Config, args: argparse.Namespace) -> dict:
     check_fits(runner.model, checkpoint, args.checkpoint, args.config)
     del checkpoint
     return runner.test()
-

@@ -3,6 +3,7 @@
 Needs torch only: ``elsa_function`` (the operator), ``elsa_reference`` (its pure-PyTorch definition)
 and ``ELSAAttention`` (the layer). The ELSA-Swin models are in the ``elsa_swin`` package.
 """
+
 import torch  # noqa: F401  (loads the libtorch libraries that _C links against)
 
 try:
@@ -14,7 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
         "(or run `bash run.sh setup`, which sets everything up)."
     ) from e
 
-from . import export, flops  # noqa: F401  (the op's decomposition for exporters, its FLOP formulas)
+from . import decomposition, flops  # noqa: F401  (the op in standard operators for exporters; FLOP formulas)
 from .checks import check_elsa_args
 from .layers import ELSAAttention
 from .ops import BACKENDS, elsa_function

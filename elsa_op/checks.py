@@ -1,6 +1,5 @@
 """Argument checks of the ELSA operator, gathered in one place so that every entry point reports bad
 input the same way: a Python exception that names the argument and shows its value."""
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,8 +30,8 @@ def _check_positive_int(name: str, value: int, largest: int) -> None:
 def check_elsa_args(
     features: Tensor,
     h_attn: Tensor,
-    ghost_mul: Optional[Tensor],
-    ghost_add: Optional[Tensor],
+    ghost_mul: Tensor | None,
+    ghost_add: Tensor | None,
     kernel_size: int,
     dilation: int,
     stride: int,
@@ -51,13 +50,20 @@ def check_elsa_args(
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, SUPPORTED_DTYPES))}), got {t.dtype}")
+            raise TypeError(
+                f"{name} must be a floating tensor ({', '.join(map(str, SUPPORTED_DTYPES))}), got {t.dtype}"
+            )
         if t.device != features.device:
             raise ValueError(f"{name} is on {t.device} but features are on {features.device}")
-        if t.dtype != features.dtype and not (name.startswith("ghost") and t.dtype == ghost_accumulation_dtype(features.dtype)):
-            allowed = "" if features.dtype == ghost_accumulation_dtype(features.dtype) else " (ghost kernels may be float32)"
-            raise TypeError(f"{name} has dtype {t.dtype} but features have {features.dtype}; cast them to one dtype"
-                            f"{allowed}")
+        if t.dtype != features.dtype and not (
+            name.startswith("ghost") and t.dtype == ghost_accumulation_dtype(features.dtype)
+        ):
+            allowed = (
+                "" if features.dtype == ghost_accumulation_dtype(features.dtype) else " (ghost kernels may be float32)"
+            )
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but features have {features.dtype}; cast them to one dtype{allowed}"
+            )
 
     if features.dim() != 4:
         raise ValueError(f"features must be 4-D [B, C, H, W], got {features.shape=}")

@@ -13,6 +13,7 @@ additive kernel is an add, not counted, as a convolution's bias is not):
 - grad of the ghost kernels: N * K * K * (need_add + 2 * need_mul), counted as if computed apart from the
   attention's gradient (the kernels share the products between them)
 """
+
 import math
 
 import torch
@@ -36,13 +37,29 @@ def _forward_flops(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation
 
 
 @register_flop_formula(_ops.elsa_backward_features)
-def _backward_features_flops(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size, dilation, stride,
-                             out_shape=None, **kwargs):
+def _backward_features_flops(
+    grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size, dilation, stride, out_shape=None, **kwargs
+):
     return 2 * elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None)
 
 
 @register_flop_formula(_ops.elsa_backward_attn_ghost)
-def _backward_attn_ghost_flops(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation, stride, need_attn,
-                               need_mul, need_add, mul_batched, add_batched, out_shape=None, **kwargs):
+def _backward_attn_ghost_flops(
+    grad_out,
+    features,
+    h_attn,
+    ghost_mul,
+    groups,
+    kernel_size,
+    dilation,
+    stride,
+    need_attn,
+    need_mul,
+    need_add,
+    mul_batched,
+    add_batched,
+    out_shape=None,
+    **kwargs,
+):
     attn = elsa_forward_macs(grad_out, kernel_size, ghost_mul is not None) if need_attn else 0
     return 2 * (attn + _taps(grad_out, kernel_size) * (int(need_add) + 2 * int(need_mul)))

@@ -1,5 +1,4 @@
 """The ELSA attention layer (NHWC in, NHWC out, like timm's Swin blocks). Needs torch only."""
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -46,7 +45,7 @@ class ELSAAttention(nn.Module):
         dilation: int = 1,
         group_width: int = 8,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         lam: float = 0.0,
         gamma: float = 1.0,
         attn_drop: float = 0.0,
@@ -75,8 +74,13 @@ class ELSAAttention(nn.Module):
         self.pre_proj = nn.Conv2d(dim, self.dim_qk * 2 + dim, 1, bias=qkv_bias, **dd)
         self.attn = nn.Sequential(
             nn.Conv2d(
-                self.dim_qk, self.dim_qk, kernel_size, padding=kernel_size // 2 * dilation,
-                dilation=dilation, groups=self.dim_qk // group_width, **dd,
+                self.dim_qk,
+                self.dim_qk,
+                kernel_size,
+                padding=kernel_size // 2 * dilation,
+                dilation=dilation,
+                groups=self.dim_qk // group_width,
+                **dd,
             ),
             nn.GELU(),
             nn.Conv2d(self.dim_qk, kernel_size * kernel_size * num_heads, 1, **dd),
@@ -108,7 +112,7 @@ class ELSAAttention(nn.Module):
         qk = q * k if self.scale == 1 else q * k * self.scale
         logits = self.attn(qk).permute(0, 2, 3, 1).reshape(B, H, W, self.num_heads, K * K)
         attn = self.attn_drop(logits.softmax(dim=-1)).permute(0, 3, 4, 1, 2)
-        ghost_mul = self.ghost_mul ** self.lam if self.ghost_mul is not None else None
+        ghost_mul = self.ghost_mul**self.lam if self.ghost_mul is not None else None
         ghost_add = self.ghost_add * self.gamma if self.ghost_add is not None else None
         if torch.jit.is_scripting():
             # TorchScript calls the registered operator directly (elsa_function's checks are Python only;
@@ -117,8 +121,9 @@ class ELSAAttention(nn.Module):
             ghost_add = ghost_add.to(v.dtype) if ghost_add is not None else None
             x = torch.ops.elsa_op.elsa_forward(v, attn, ghost_mul, ghost_add, K, self.dilation, 1)
         else:
-            x = elsa_function(v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation,
-                              backend=self.backend)
+            x = elsa_function(
+                v, attn, ghost_mul, ghost_add, kernel_size=K, dilation=self.dilation, backend=self.backend
+            )
         x = self.post_proj(x.permute(0, 2, 3, 1))
         return self.proj_drop(x)
 
@@ -127,4 +132,3 @@ class ELSAAttention(nn.Module):
             f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
             f"dilation={self.dilation}, lam={self.lam}, gamma={self.gamma}, backend={self.backend!r}"
         )
-

@@ -1,5 +1,4 @@
 """The ELSA operator as a `torch.library` custom op: Python API, fake kernels and autograd."""
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -15,8 +14,8 @@ BACKENDS = ("kernels", "reference")
 def elsa_function(
     features: Tensor,
     h_attn: Tensor,
-    ghost_mul: Optional[Tensor] = None,
-    ghost_add: Optional[Tensor] = None,
+    ghost_mul: Tensor | None = None,
+    ghost_add: Tensor | None = None,
     *,
     kernel_size: int,
     dilation: int = 1,
@@ -56,14 +55,18 @@ def elsa_function(
     # Autocast exists for real devices only; asking about "meta" raises.
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        features, h_attn = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-                            for t in (features, h_attn))
-        ghost_mul, ghost_add = (t.to(ghost_accumulation_dtype(dtype)) if isinstance(t, Tensor) and t.is_floating_point()
-                                else t for t in (ghost_mul, ghost_add))
+        features, h_attn = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (features, h_attn)
+        )
+        ghost_mul, ghost_add = (
+            t.to(ghost_accumulation_dtype(dtype)) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (ghost_mul, ghost_add)
+        )
     check_elsa_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
     if backend == "reference":
-        return elsa_reference(features, h_attn, ghost_mul, ghost_add, kernel_size=kernel_size, dilation=dilation,
-                              stride=stride)
+        return elsa_reference(
+            features, h_attn, ghost_mul, ghost_add, kernel_size=kernel_size, dilation=dilation, stride=stride
+        )
     if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("elsa_op::elsa_forward", "CUDA"):
         raise RuntimeError(
             f"elsa_op._C was built without {features.device.type} kernels; rebuild it where nvcc is "
@@ -101,8 +104,21 @@ def _elsa_backward_features_fake(grad_out, h_attn, ghost_mul, ghost_add, height,
 
 
 @torch.library.register_fake("elsa_op::elsa_backward_attn_ghost")
-def _elsa_backward_attn_ghost_fake(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation, stride,
-                                   need_attn, need_mul, need_add, mul_batched, add_batched):
+def _elsa_backward_attn_ghost_fake(
+    grad_out,
+    features,
+    h_attn,
+    ghost_mul,
+    groups,
+    kernel_size,
+    dilation,
+    stride,
+    need_attn,
+    need_mul,
+    need_add,
+    mul_batched,
+    add_batched,
+):
     B, C, H, W = features.shape
     Ho, Wo, KK = _out_size(H, stride), _out_size(W, stride), kernel_size * kernel_size
     if not need_attn:
@@ -150,11 +166,15 @@ def _backward(ctx, grad_out):
         gx = _ops.elsa_backward_features(grad_out, h_attn, ghost_mul, ghost_add, H, W, K, d, s)
     if need_h or need_m or need_a:
         mul_batched, add_batched = ctx.ghost_batched
-        gh, gm, ga = _ops.elsa_backward_attn_ghost(grad_out, features, h_attn, ghost_mul, G, K, d, s, need_h, need_m,
-                                                   need_a, mul_batched, add_batched)
+        gh, gm, ga = _ops.elsa_backward_attn_ghost(
+            grad_out, features, h_attn, ghost_mul, G, K, d, s, need_h, need_m, need_a, mul_batched, add_batched
+        )
         # Ghost gradients come in float32 (float64 for float64): cast them to their kernels' dtype.
         gh, gm, ga = (g if need else None for g, need in ((gh, need_h), (gm, need_m), (ga, need_a)))
-        gm, ga = (g.to(dtype) if g is not None else None for g, dtype in ((gm, ctx.ghost_dtypes[0]), (ga, ctx.ghost_dtypes[1])))
+        gm, ga = (
+            g.to(dtype) if g is not None else None
+            for g, dtype in ((gm, ctx.ghost_dtypes[0]), (ga, ctx.ghost_dtypes[1]))
+        )
     return gx, gh, gm, ga, None, None, None
 
 
@@ -162,8 +182,10 @@ torch.library.register_autograd("elsa_op::elsa_forward", _backward, setup_contex
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("the ELSA operator has no second derivative (double backward is not implemented); "
-                       "differentiate elsa_reference instead where one is needed")
+    raise RuntimeError(
+        "the ELSA operator has no second derivative (double backward is not implemented); "
+        "differentiate elsa_reference instead where one is needed"
+    )
 
 
 # Differentiating the backward ops (create_graph=True, then grad again) is refused with a clear error

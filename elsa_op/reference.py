@@ -3,9 +3,7 @@
 It materialises every shifted copy of the input, so it is slow and memory-hungry; use it for tests
 and as the "unfold path" baseline of the benchmarks, never in a model.
 """
-from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,8 +11,8 @@ from torch import Tensor
 def elsa_reference(
     features: Tensor,
     h_attn: Tensor,
-    ghost_mul: Optional[Tensor] = None,
-    ghost_add: Optional[Tensor] = None,
+    ghost_mul: Tensor | None = None,
+    ghost_add: Tensor | None = None,
     *,
     kernel_size: int,
     dilation: int = 1,

@@ -5,11 +5,19 @@ Importing the package registers the classifiers ``elsa_swin_{nano,tiny,small,bas
 with the dense backbone of :mod:`elsa_mm`; :mod:`elsa_swin.checkpoint` reads checkpoint files safely
 and maps the original code's names onto both.
 """
+
 from .blocks import ELSABlock, ELSASwinStage, PaddedWindowBlock
 from .checkpoint import CheckpointError, load_checkpoint_file, map_original_names, unwrap_state_dict
 from .classifier import ELSASwinTransformer, checkpoint_filter_fn
 
 __all__ = [
-    "CheckpointError", "ELSABlock", "ELSASwinStage", "ELSASwinTransformer", "PaddedWindowBlock",
-    "checkpoint_filter_fn", "load_checkpoint_file", "map_original_names", "unwrap_state_dict",
+    "CheckpointError",
+    "ELSABlock",
+    "ELSASwinStage",
+    "ELSASwinTransformer",
+    "PaddedWindowBlock",
+    "checkpoint_filter_fn",
+    "load_checkpoint_file",
+    "map_original_names",
+    "unwrap_state_dict",
 ]

@@ -4,7 +4,6 @@ size, and one stage (patch merging, then blocks).
 Shared by the classifier (:mod:`elsa_swin.classifier`) and the dense backbone (:mod:`elsa_mm`), so that
 the architecture is written once. Tensors are NHWC, as in timm's Swin.
 """
-from typing import List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -41,14 +40,14 @@ class ELSABlock(nn.Module):
         group_width: int = 8,
         lam: float = 0.0,
         gamma: float = 1.0,
-        qk_scale: Optional[float] = 1.0,
+        qk_scale: float | None = 1.0,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         elsa_backend: str = "kernels",
         device=None,
         dtype=None,
@@ -57,9 +56,18 @@ class ELSABlock(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.norm1 = norm_layer(dim, **dd)
         self.attn = ELSAAttention(
-            dim, num_heads, kernel_size=kernel_size, group_width=group_width, qkv_bias=qkv_bias,
-            qk_scale=qk_scale, lam=lam, gamma=gamma, attn_drop=attn_drop, proj_drop=proj_drop,
-            backend=elsa_backend, **dd,
+            dim,
+            num_heads,
+            kernel_size=kernel_size,
+            group_width=group_width,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            lam=lam,
+            gamma=gamma,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            backend=elsa_backend,
+            **dd,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
@@ -114,7 +122,7 @@ class ELSASwinStage(nn.Module):
         self,
         dim: int,
         out_dim: int,
-        input_resolution: Tuple[int, int],
+        input_resolution: tuple[int, int],
         depth: int,
         downsample: bool,
         num_heads: int,
@@ -128,8 +136,8 @@ class ELSASwinStage(nn.Module):
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
-        drop_path: Union[List[float], float] = 0.0,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        drop_path: list[float] | float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         dense: bool = False,
         elsa_backend: str = "kernels",
         device=None,
@@ -143,26 +151,51 @@ class ELSASwinStage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = PatchMerging(dim, out_dim, norm_layer=norm_layer, **dd) if downsample else nn.Identity()
         rates = drop_path if isinstance(drop_path, list) else [drop_path] * depth
-        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, norm_layer=norm_layer, **dd)
+        common = dict(
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=proj_drop,
+            attn_drop=attn_drop,
+            norm_layer=norm_layer,
+            **dd,
+        )
         if use_elsa:
             blocks = [
-                ELSABlock(out_dim, num_heads, kernel_size=elsa_kernel, group_width=group_width, lam=lam, gamma=gamma,
-                          drop_path=rates[i], elsa_backend=elsa_backend, **common)
+                ELSABlock(
+                    out_dim,
+                    num_heads,
+                    kernel_size=elsa_kernel,
+                    group_width=group_width,
+                    lam=lam,
+                    gamma=gamma,
+                    drop_path=rates[i],
+                    elsa_backend=elsa_backend,
+                    **common,
+                )
                 for i in range(depth)
             ]
         else:
             block = PaddedWindowBlock if dense else SwinTransformerBlock
             blocks = [
-                block(out_dim, self.output_resolution, num_heads=num_heads, window_size=window_size,
-                      shift_size=0 if i % 2 == 0 else window_size // 2, drop_path=rates[i], **common)
+                block(
+                    out_dim,
+                    self.output_resolution,
+                    num_heads=num_heads,
+                    window_size=window_size,
+                    shift_size=0 if i % 2 == 0 else window_size // 2,
+                    drop_path=rates[i],
+                    **common,
+                )
                 for i in range(depth)
             ]
         self.blocks = nn.Sequential(*blocks)
 
-    def set_input_size(self, feat_size: Tuple[int, int], window_size: int) -> None:
+    def set_input_size(self, feat_size: tuple[int, int], window_size: int) -> None:
         """Adapt the window-attention blocks to a new input resolution (ELSA needs nothing)."""
         self.input_resolution = feat_size
-        self.output_resolution = feat_size if isinstance(self.downsample, nn.Identity) else tuple((r + 1) // 2 for r in feat_size)
+        self.output_resolution = (
+            feat_size if isinstance(self.downsample, nn.Identity) else tuple((r + 1) // 2 for r in feat_size)
+        )
         if not self.use_elsa:
             for block in self.blocks:
                 block.set_input_size(self.output_resolution, (window_size, window_size))
@@ -172,4 +205,3 @@ class ELSASwinStage(nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
-

@@ -11,12 +11,14 @@ pre_proj/post_proj/rb, projecting to (v, q, k) and indexing its bias table by th
 Renames and reorderings happen here, once, for every model built from
 :class:`elsa_swin.blocks.ELSASwinStage`.
 """
+
 import argparse
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Iterable, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +29,20 @@ from elsa_op import ELSAAttention
 
 __all__ = ["CheckpointError", "SAFE_GLOBALS", "load_checkpoint_file", "unwrap_state_dict", "map_original_names"]
 
-_WINDOW_ATTN_RENAMES = {".attn.pre_proj.": ".attn.qkv.", ".attn.post_proj.": ".attn.proj.", ".attn.rb": ".attn.relative_position_bias_table"}
+_WINDOW_ATTN_RENAMES = {
+    ".attn.pre_proj.": ".attn.qkv.",
+    ".attn.post_proj.": ".attn.proj.",
+    ".attn.rb": ".attn.relative_position_bias_table",
+}
 _REBUILT_BUFFERS = ("relative_position_index", "relative_id", "attn_mask")
 
 # What timm's and the original's training checkpoints hold besides tensors and plain containers.
 SAFE_GLOBALS = [
     argparse.Namespace,
-    np.ndarray, np.dtype, np._core.multiarray._reconstruct, np._core.multiarray.scalar,
+    np.ndarray,
+    np.dtype,
+    np._core.multiarray._reconstruct,
+    np._core.multiarray.scalar,
     *sorted({type(np.dtype(t)) for t in np.sctypeDict.values()}, key=lambda c: c.__name__),
 ]
 
@@ -42,7 +51,7 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, unsafe to unpickle, or does not fit the model."""
 
 
-def load_checkpoint_file(path: Union[str, Path], extra_safe_globals: Iterable[Any] = ()) -> Dict[str, Any]:
+def load_checkpoint_file(path: str | Path, extra_safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
     """The contents of a ``.safetensors`` file, or of a torch checkpoint read with ``weights_only=True``
     and :data:`SAFE_GLOBALS` (plus ``extra_safe_globals``). Raises :class:`CheckpointError` with a
     one-line message naming the file."""
@@ -66,7 +75,8 @@ def load_checkpoint_file(path: Union[str, Path], extra_safe_globals: Iterable[An
         raise CheckpointError(
             f"refusing to load checkpoint {path}: {what} is not a tensor, a plain container or one of the "
             "allowed checkpoint types (argparse.Namespace, numpy scalars and arrays), and unpickling it "
-            "could run code") from None
+            "could run code"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or not a torch checkpoint ({first})") from None
@@ -75,7 +85,7 @@ def load_checkpoint_file(path: Union[str, Path], extra_safe_globals: Iterable[An
     return checkpoint
 
 
-def unwrap_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+def unwrap_state_dict(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model's tensors out of a training checkpoint: ``state_dict_ema``/``model_ema`` if asked and
     present, else ``state_dict``/``model``/the dict itself, without DDP's ``module.`` prefix."""
     keys = ("state_dict_ema", "model_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
@@ -86,7 +96,7 @@ def unwrap_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
-def _split_ghost_head(key: str, packed: torch.Tensor, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def _split_ghost_head(key: str, packed: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The original's packed ``ghost_head`` ((2, 1, C, K, K) with both kernels, (1, C, K, K) with one) as
     our ``ghost_mul`` / ``ghost_add``; a layer the model lacks keeps the packed key (reported unexpected)."""
     prefix = key[: -len("ghost_head")]
@@ -104,7 +114,7 @@ def _split_ghost_head(key: str, packed: torch.Tensor, model: torch.nn.Module) ->
     return {key: packed}  # lam / gamma of the checkpoint and the model differ: reported as unexpected
 
 
-def map_original_names(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def map_original_names(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Rename (and reorder) the original's keys onto ``model``; our own checkpoints pass unchanged apart
     from the buffers the model rebuilds. Bias tables of another window size are resized."""
     original_layout = "layers.0.downsample.reduction.weight" in state_dict
@@ -129,7 +139,8 @@ def map_original_names(state_dict: Dict[str, torch.Tensor], model: torch.nn.Modu
         if k.endswith("relative_position_bias_table") and k.rsplit(".", 1)[0] in window_attn:
             attn = model.get_submodule(k.rsplit(".", 1)[0])
             if v.shape != attn.relative_position_bias_table.shape:
-                v = resize_rel_pos_bias_table(v, new_window_size=attn.window_size,
-                                              new_bias_shape=attn.relative_position_bias_table.shape)
+                v = resize_rel_pos_bias_table(
+                    v, new_window_size=attn.window_size, new_bias_shape=attn.relative_position_bias_table.shape
+                )
         out[k] = v
     return out

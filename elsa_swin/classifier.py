@@ -7,15 +7,17 @@ Published checkpoints of the original code load through :func:`checkpoint_filter
 names (downsampling at the end of a stage, ``attn.pre_proj``/``post_proj``/``rb`` in the window
 attention, the packed ghost kernels, ``head.``) onto timm's layout.
 """
+
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates
-from timm.models._features import feature_take_indices
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .blocks import ELSASwinStage, init_linear
 from .checkpoint import map_original_names, unwrap_state_dict
@@ -41,7 +43,7 @@ class ELSASwinTransformer(nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Tuple[int, int]] = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 4,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -69,7 +71,9 @@ class ELSASwinTransformer(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         if len(depths) != len(num_heads) or len(depths) != len(elsa_stages):
-            raise ValueError(f"depths, num_heads and elsa_stages need one entry per stage: {depths=} {num_heads=} {elsa_stages=}")
+            raise ValueError(
+                f"depths, num_heads and elsa_stages need one entry per stage: {depths=} {num_heads=} {elsa_stages=}"
+            )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -81,8 +85,14 @@ class ELSASwinTransformer(nn.Module):
         self.feature_info = []
 
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            norm_layer=norm_layer, strict_img_size=False, output_fmt="NHWC", **dd,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=norm_layer,
+            strict_img_size=False,
+            output_fmt="NHWC",
+            **dd,
         )
         grid = self.patch_embed.grid_size
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, grouped by stage
@@ -91,23 +101,40 @@ class ELSASwinTransformer(nn.Module):
         for i in range(self.num_layers):
             out_dim = embed_dim * 2**i
             scale = 2 ** max(i - 1, 0)
-            layers.append(ELSASwinStage(
-                dim=in_dim, out_dim=out_dim,
-                input_resolution=((grid[0] + scale - 1) // scale, (grid[1] + scale - 1) // scale),
-                depth=depths[i], downsample=i > 0, num_heads=num_heads[i], use_elsa=elsa_stages[i],
-                window_size=window_size, elsa_kernel=elsa_kernel, group_width=group_width, lam=lam, gamma=gamma,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], norm_layer=norm_layer, elsa_backend=elsa_backend, **dd,
-            ))
+            layers.append(
+                ELSASwinStage(
+                    dim=in_dim,
+                    out_dim=out_dim,
+                    input_resolution=((grid[0] + scale - 1) // scale, (grid[1] + scale - 1) // scale),
+                    depth=depths[i],
+                    downsample=i > 0,
+                    num_heads=num_heads[i],
+                    use_elsa=elsa_stages[i],
+                    window_size=window_size,
+                    elsa_kernel=elsa_kernel,
+                    group_width=group_width,
+                    lam=lam,
+                    gamma=gamma,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                    elsa_backend=elsa_backend,
+                    **dd,
+                )
+            )
             in_dim = out_dim
             self.feature_info.append(dict(num_chs=out_dim, reduction=patch_size * 2**i, module=f"layers.{i}"))
         self.layers = nn.Sequential(*layers)
         self.norm = norm_layer(self.num_features, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt="NHWC", **dd)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
+        )
         self.apply(init_linear)
 
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Rebuild the window-attention masks for another input size (e.g. fine-tuning at 384)."""
         self.patch_embed.set_input_size(img_size=img_size)
         grid = self.patch_embed.grid_size
@@ -116,14 +143,20 @@ class ELSASwinTransformer(nn.Module):
             stage.set_input_size(((grid[0] + scale - 1) // scale, (grid[1] + scale - 1) // scale), self.window_size)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "ghost_mul", "ghost_add"))}
+    def no_weight_decay(self) -> set[str]:
+        return {
+            n
+            for n, _ in self.named_parameters()
+            if n.endswith(("relative_position_bias_table", "ghost_mul", "ghost_add"))
+        }
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(
             stem=r"^patch_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [
                 (r"^layers\.(\d+).downsample", (0,)),
                 (r"^layers\.(\d+)\.\w+\.(\d+)", None),
                 (r"^norm", (99999,)),
@@ -139,7 +172,7 @@ class ELSASwinTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
         if global_pool is not None:
@@ -148,12 +181,12 @@ class ELSASwinTransformer(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs (NCHW) for the stages in ``indices`` (last n if int, all if None)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -173,7 +206,9 @@ class ELSASwinTransformer(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[: max_index + 1]
         if prune_norm or max_index < len(self.feature_info) - 1:
@@ -192,7 +227,7 @@ class ELSASwinTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ELSASwinTransformer) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: ELSASwinTransformer) -> dict[str, torch.Tensor]:
     """Map a checkpoint of the original ELSA code (or of ours, unchanged) onto :class:`ELSASwinTransformer`."""
     state_dict = unwrap_state_dict(state_dict)
     if "layers.0.downsample.reduction.weight" in state_dict:  # the original's layout
@@ -203,31 +238,44 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: ELSASwinTransformer)
 def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
     return build_model_with_cfg(
-        ELSASwinTransformer, variant, pretrained,
+        ELSASwinTransformer,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
+def _cfg(**kwargs) -> dict[str, Any]:
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head.fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2112.12786", **kwargs,
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2112.12786",
+        **kwargs,
     }
 
 
 # The published weights live on Google Drive / Baidu (see README); load them with --checkpoint or
 # --initial-checkpoint, which go through checkpoint_filter_fn.
-default_cfgs = generate_default_cfgs({
-    "elsa_swin_nano.untrained": _cfg(),
-    "elsa_swin_tiny.in1k": _cfg(),
-    "elsa_swin_small.in1k": _cfg(),
-    "elsa_swin_base.in1k": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "elsa_swin_nano.untrained": _cfg(),
+        "elsa_swin_tiny.in1k": _cfg(),
+        "elsa_swin_small.in1k": _cfg(),
+        "elsa_swin_base.in1k": _cfg(),
+    }
+)
 
 
 @register_model

@@ -9,11 +9,11 @@ The architecture is read from the checkpoint's shapes unless ``--model`` names i
 with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=DST))``, with
 ``cls/validate.py --checkpoint`` and ``cls/train.py --initial-checkpoint``.
 """
+
 import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Dict, Tuple
 
 import timm
 import torch
@@ -31,7 +31,7 @@ VARIANTS = {
 }
 
 
-def infer_model(state: Dict[str, torch.Tensor]) -> Tuple[str, int]:
+def infer_model(state: dict[str, torch.Tensor]) -> tuple[str, int]:
     """(model name, number of classes) from a classifier's tensors."""
     if "patch_embed.proj.weight" not in state:
         raise CheckpointError("it holds no patch_embed.proj.weight: not an ELSA-Swin classifier (give --model?)")
@@ -44,8 +44,9 @@ def infer_model(state: Dict[str, torch.Tensor]) -> Tuple[str, int]:
     depths = tuple(blocks[i] for i in sorted(blocks))
     name = VARIANTS.get((embed_dim, depths))
     if name is None:
-        raise CheckpointError(f"embed_dim {embed_dim} and depths {depths} are none of {sorted(set(VARIANTS.values()))}; "
-                              "give --model")
+        raise CheckpointError(
+            f"embed_dim {embed_dim} and depths {depths} are none of {sorted(set(VARIANTS.values()))}; give --model"
+        )
     head = next((state[k] for k in ("head.fc.weight", "head.weight") if k in state), None)
     return name, head.shape[0] if head is not None else 0
 
@@ -64,7 +65,11 @@ def convert(src: Path, model_name: str = None, use_ema: bool = False):
     own = model.state_dict()
     missing = [k for k in own if k not in mapped]
     unexpected = [k for k in mapped if k not in own]
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items() if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"{src} does not fit {model_name}: {'; '.join(wrong[:4])}")
     tensors = {k: v.contiguous() for k, v in mapped.items() if k in own}
@@ -77,9 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("dst", type=Path, nargs="?", help="output file: .safetensors, or .pth")
     parser.add_argument("--model", default=None, help="model name (default: read from the checkpoint's shapes)")
     parser.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema)")
-    parser.add_argument("--backbone", action="store_true",
-                        help="write the backbone only (no classifier head or final norm), for det/seg model.pretrained")
-    parser.add_argument("--inspect", action="store_true", help="list what maps, what is missing and unexpected; write nothing")
+    parser.add_argument(
+        "--backbone",
+        action="store_true",
+        help="write the backbone only (no classifier head or final norm), for det/seg model.pretrained",
+    )
+    parser.add_argument(
+        "--inspect", action="store_true", help="list what maps, what is missing and unexpected; write nothing"
+    )
     args = parser.parse_args(argv)
     if not args.inspect and args.dst is None:
         parser.error("give DST, or --inspect")
@@ -97,8 +107,11 @@ def main(argv=None) -> int:
         print(f"unexpected (the file has, the model lacks): {', '.join(unexpected) or 'none'}")
         return 0
     if missing or unexpected:
-        print(f"error: {args.src} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]} "
-              "(see --inspect)", file=sys.stderr)
+        print(
+            f"error: {args.src} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(see --inspect)",
+            file=sys.stderr,
+        )
         return 1
     if args.backbone:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(("head.", "norm."))}

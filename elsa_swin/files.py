@@ -1,16 +1,17 @@
 """Writing checkpoints and run files so that a crash, a kill or a full disk never leaves a half-written file under its
 final name: write a temporary file in the same folder, flush and fsync it, then ``os.replace`` it over
 the old one (atomic on POSIX), and fsync the folder."""
+
 import errno
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class NoSpaceError(OSError):
@@ -32,7 +33,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: PathLike, data: Union[bytes, memoryview]) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes | memoryview) -> None:
     """Replace ``path`` with ``data`` atomically. A full disk raises :class:`NoSpaceError` naming the folder,
     with the previous file intact and no temporary file left behind."""
     path = Path(path)
@@ -50,8 +51,9 @@ def atomic_write_bytes(path: PathLike, data: Union[bytes, memoryview]) -> None:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpaceError(e.errno, f"no space left on {path.parent} while writing {path.name}; "
-                                        f"the previous {path.name} is kept") from None
+            raise NoSpaceError(
+                e.errno, f"no space left on {path.parent} while writing {path.name}; the previous {path.name} is kept"
+            ) from None
         raise
     _fsync_dir(path.parent)
 

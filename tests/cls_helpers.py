@@ -1,4 +1,5 @@
 """Small ImageFolder datasets and runs of the cls/ scripts for the classification tests."""
+
 import csv
 import os
 import subprocess
@@ -16,7 +17,7 @@ def write_digits(root: Path, per_class: int = 30, val_per_class: int = 10) -> Pa
 
     digits = load_digits()
     counts = {}
-    for img, label in zip(digits.images, digits.target):
+    for img, label in zip(digits.images, digits.target, strict=True):
         if label >= 4:  # four classes keep the run short
             continue
         n = counts.get(label, 0)
@@ -32,12 +33,35 @@ def write_digits(root: Path, per_class: int = 30, val_per_class: int = 10) -> Pa
 
 def run(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, *args], cwd=CLS, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=CLS, env=env, capture_output=True, text=True, timeout=900, **kwargs
+    )
     return result
 
 
-TRAIN_ARGS = ["--model", "elsa_swin_nano", "--img-size", "32", "-b", "16", "-j", "0", "--lr", "2e-3",
-              "--warmup-epochs", "0", "--scale", "0.8", "1", "--hflip", "0", "--log-interval", "5", "--seed", "0"]
+TRAIN_ARGS = [
+    "--model",
+    "elsa_swin_nano",
+    "--img-size",
+    "32",
+    "-b",
+    "16",
+    "-j",
+    "0",
+    "--lr",
+    "2e-3",
+    "--warmup-epochs",
+    "0",
+    "--scale",
+    "0.8",
+    "1",
+    "--hflip",
+    "0",
+    "--log-interval",
+    "5",
+    "--seed",
+    "0",
+]
 
 
 def read_summary(path: Path):

@@ -1,5 +1,6 @@
 """Small generated datasets for the det/seg tests: images of filled rectangles and disks, with COCO
 boxes and polygon masks (pycocotools-compatible JSON) or ADE20K-style label PNGs."""
+
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,9 @@ def _shapes(rng, width, height):
             poly = [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
         else:
             cx, cy, r = x0 + w / 2, y0 + h / 2, min(w, h) / 2
-            poly = [v for a in range(16) for v in (cx + r * math.cos(a * math.pi / 8), cy + r * math.sin(a * math.pi / 8))]
+            poly = [
+                v for a in range(16) for v in (cx + r * math.cos(a * math.pi / 8), cy + r * math.sin(a * math.pi / 8))
+            ]
         shapes.append((cls, [float(v) for v in poly]))
     return shapes
 
@@ -34,7 +37,7 @@ def _draw(shapes, width, height, rng):
     draw, draw_label = ImageDraw.Draw(img), ImageDraw.Draw(label)
     colours = [(220, 60, 60), (60, 200, 80)]
     for cls, poly in shapes:
-        pts = list(zip(poly[0::2], poly[1::2]))
+        pts = list(zip(poly[0::2], poly[1::2], strict=True))
         draw.polygon(pts, fill=colours[cls])
         draw_label.polygon(pts, fill=cls + 1)
     return img, label
@@ -56,10 +59,21 @@ def write_coco(root: Path, splits=(("train", 8), ("val", 4)), size=(96, 80), see
                 xs, ys = poly[0::2], poly[1::2]
                 box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
                 area = 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs))))
-                annotations.append(dict(id=len(annotations) + 1, image_id=len(images), category_id=cls + 1,
-                                        bbox=box, area=area, segmentation=[poly], iscrowd=0))
+                annotations.append(
+                    dict(
+                        id=len(annotations) + 1,
+                        image_id=len(images),
+                        category_id=cls + 1,
+                        bbox=box,
+                        area=area,
+                        segmentation=[poly],
+                        iscrowd=0,
+                    )
+                )
         categories = [dict(id=k + 1, name=name) for k, name in enumerate(CLASSES)]
-        (root / f"{split}.json").write_text(json.dumps(dict(images=images, annotations=annotations, categories=categories)))
+        (root / f"{split}.json").write_text(
+            json.dumps(dict(images=images, annotations=annotations, categories=categories))
+        )
     return root
 
 

@@ -1,4 +1,5 @@
 """Running det/ and seg/ tools in a subprocess on a small config, and reading the Runner's logs."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_tool(project: str, args, timeout=1500):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, *args], cwd=REPO / project, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO / project, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def losses(work_dir: Path):
@@ -34,5 +36,11 @@ def upstream_tool(package: str, tool: str) -> Path:
 
 def run_upstream(package: str, tool: str, args, cwd: Path, timeout=1500):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(upstream_tool(package, tool)), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(upstream_tool(package, tool)), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,4 +1,5 @@
 """Inputs and comparisons shared by the CUDA tests and the CUDA emulation tests."""
+
 import torch
 
 from elsa_op import elsa_reference
@@ -9,12 +10,12 @@ GEOMETRIES = [
     (2, 16, 9, 11, 2, 3, 1, 1),
     (2, 24, 10, 9, 3, 5, 2, 1),
     (2, 32, 12, 13, 1, 7, 1, 2),
-    (2, 32, 16, 15, 2, 7, 1, 1),   # ELSA-Swin's K = 7: most pixels take the inside-the-image paths
+    (2, 32, 16, 15, 2, 7, 1, 1),  # ELSA-Swin's K = 7: most pixels take the inside-the-image paths
     (1, 16, 8, 10, 2, 9, 1, 3),
-    (1, 16, 6, 7, 2, 13, 1, 1),    # the image smaller than the window
-    (1, 8, 3, 2, 1, 7, 2, 2),      # 3x2 image, window 13 pixels wide
-    (2, 16, 7, 9, 2, 5, 3, 2),     # dilation not a multiple of the stride
-    (1, 16, 9, 7, 2, 3, 2, 4),     # stride larger than the dilation
+    (1, 16, 6, 7, 2, 13, 1, 1),  # the image smaller than the window
+    (1, 8, 3, 2, 1, 7, 2, 2),  # 3x2 image, window 13 pixels wide
+    (2, 16, 7, 9, 2, 5, 3, 2),  # dilation not a multiple of the stride
+    (1, 16, 9, 7, 2, 3, 2, 4),  # stride larger than the dilation
 ]
 
 
@@ -32,8 +33,8 @@ def layout_as(t, layout, pad=0):
     # leading channels shift it off 16-byte alignment.
     B, C, H, W = t.shape
     wide = torch.zeros(B, H, W, 3 * C + pad, dtype=t.dtype)
-    wide[..., C + pad:2 * C + pad] = t.permute(0, 2, 3, 1)
-    return wide[..., C + pad:2 * C + pad].permute(0, 3, 1, 2)
+    wide[..., C + pad : 2 * C + pad] = t.permute(0, 2, 3, 1)
+    return wide[..., C + pad : 2 * C + pad].permute(0, 3, 1, 2)
 
 
 def attn_layout_as(h, layout):
@@ -49,8 +50,12 @@ def make_case(B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, seed=0):
     go = torch.randn(B, C, Ho, Wo, generator=g).to(dtype)
     # Ghost kernels in the accumulation type beside half/bfloat16 (as under autocast), else the features' dtype.
     gdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    shapes = {"broadcast": ((C, K, K), (C, K, K)), "batched": ((B, C, K, K), (B, C, K, K)),
-              "mixed": ((C, K, K), (B, C, K, K)), None: (None, None)}[ghost]
+    shapes = {
+        "broadcast": ((C, K, K), (C, K, K)),
+        "batched": ((B, C, K, K), (B, C, K, K)),
+        "mixed": ((C, K, K), (B, C, K, K)),
+        None: (None, None),
+    }[ghost]
     m, a = (torch.randn(s, generator=g).to(gdtype) if s else None for s in shapes)
     pad = 1 if layout == "misaligned" else 0
     xl = layout_as(x, "slice" if pad else layout, pad)
@@ -70,5 +75,6 @@ def assert_close_scaled(got, want, dtype, what):
     assert not torch.isnan(got).any(), f"{what}: elements no thread wrote (NaN poison survived)"
     scale = want.abs().max().item() + 1e-3
     tol = {torch.float64: 1e-11, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}[dtype]
-    torch.testing.assert_close(got.double() / scale, want.double() / scale, rtol=0, atol=tol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.double() / scale, want.double() / scale, rtol=0, atol=tol, msg=lambda m: f"{what}: {m}"
+    )

@@ -1,4 +1,5 @@
 """cls: bad data, bad checkpoints, bad options and kills never give silently wrong numbers or lost runs."""
+
 import json
 import signal
 import subprocess
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import timm
 import torch
+from cls_helpers import CLS, TRAIN_ARGS, read_summary, run, write_digits
 from PIL import Image
 
 import elsa_swin  # noqa: F401
-from cls_helpers import CLS, TRAIN_ARGS, read_summary, run, write_digits
 
 
 def image_folder(root: Path, splits: dict, size: int = 32) -> Path:
@@ -51,7 +52,9 @@ def test_val_class_unknown_to_train_is_refused_at_start(tmp_path):
 
 def test_validate_refuses_folders_that_do_not_line_up(tmp_path):
     data = image_folder(tmp_path / "d", {"val": {"a": 1, "b": 1, "c": 1}})
-    r = run(["validate.py", str(data), "--model", "elsa_swin_nano", "--num-classes", "4", "--img-size", "32", "-j", "0"])
+    r = run(
+        ["validate.py", str(data), "--model", "elsa_swin_nano", "--num-classes", "4", "--img-size", "32", "-j", "0"]
+    )
     assert r.returncode != 0 and "has 3 class folders but the model has 4 classes" in last_line(r), r.stderr[-2000:]
 
 
@@ -59,8 +62,22 @@ def test_unreadable_val_image_is_left_out_not_counted_twice(tmp_path):
     data = image_folder(tmp_path / "d", {"val": {"a": 2, "b": 1}})
     (data / "val" / "a" / "0.png").write_bytes(b"not an image")
     results = tmp_path / "r.json"
-    r = run(["validate.py", str(data), "--model", "elsa_swin_nano", "--num-classes", "2", "--img-size", "32", "-j", "0",
-             "--results-file", str(results)])
+    r = run(
+        [
+            "validate.py",
+            str(data),
+            "--model",
+            "elsa_swin_nano",
+            "--num-classes",
+            "2",
+            "--img-size",
+            "32",
+            "-j",
+            "0",
+            "--results-file",
+            str(results),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(results.read_text())["images"] == 2
     assert "0.png: cannot be read" in r.stderr and "left out of the evaluation" in r.stderr
@@ -94,12 +111,15 @@ def test_symlink_loop_is_refused(tmp_path):
 
 
 # ---- options --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra,message", [
-    (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
-    (["--resume", "/nonexistent/last.pth.tar"], "error: checkpoint /nonexistent/last.pth.tar does not exist"),
-    (["-c", "CONFIG"], "unknown options weight_decy"),
-    (["-c", "/nonexistent.yaml"], "error: -c /nonexistent.yaml: no such file"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+        (["--resume", "/nonexistent/last.pth.tar"], "error: checkpoint /nonexistent/last.pth.tar does not exist"),
+        (["-c", "CONFIG"], "unknown options weight_decy"),
+        (["-c", "/nonexistent.yaml"], "error: -c /nonexistent.yaml: no such file"),
+    ],
+)
 def test_bad_options_are_one_line_errors(tmp_path, extra, message):
     data = image_folder(tmp_path / "d", {"train": {"a": 1}, "val": {"a": 1}})
     (tmp_path / "c.yaml").write_text("weight_decy: 0.1\nepochs: 2\n")
@@ -125,9 +145,22 @@ def test_initial_checkpoint_that_fits_nothing_is_refused(tmp_path):
     weights = timm.create_model("elsa_swin_nano", num_classes=2).state_dict()
     for name, state in (("empty.pth", {}), ("prefixed.pth", {f"encoder.{k}": v for k, v in weights.items()})):
         torch.save(state, tmp_path / name)
-        r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "--output", str(tmp_path / "o"),
-                 "--initial-checkpoint", str(tmp_path / name)])
-        assert r.returncode != 0 and f"{tmp_path / name} holds no weights of elsa_swin_nano" in last_line(r), r.stderr[-2000:]
+        r = run(
+            [
+                "train.py",
+                str(data),
+                *TRAIN_ARGS,
+                "--epochs",
+                "1",
+                "--output",
+                str(tmp_path / "o"),
+                "--initial-checkpoint",
+                str(tmp_path / name),
+            ]
+        )
+        assert r.returncode != 0 and f"{tmp_path / name} holds no weights of elsa_swin_nano" in last_line(r), r.stderr[
+            -2000:
+        ]
 
 
 @pytest.mark.slow
@@ -135,8 +168,27 @@ def test_initial_checkpoint_of_another_class_count_resets_the_head(tmp_path):
     data = image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
     pretrained = timm.create_model("elsa_swin_nano", num_classes=10)
     torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "p.pth")
-    r = run(["train.py", str(data), *TRAIN_ARGS, "--epochs", "1", "-b", "2", "--lr", "0", "--warmup-lr", "0",
-             "--output", str(tmp_path / "o"), "--experiment", "ft", "--initial-checkpoint", str(tmp_path / "p.pth")])
+    r = run(
+        [
+            "train.py",
+            str(data),
+            *TRAIN_ARGS,
+            "--epochs",
+            "1",
+            "-b",
+            "2",
+            "--lr",
+            "0",
+            "--warmup-lr",
+            "0",
+            "--output",
+            str(tmp_path / "o"),
+            "--experiment",
+            "ft",
+            "--initial-checkpoint",
+            str(tmp_path / "p.pth"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "its classifier has 10 classes, the model 2: the classifier (head.fc) starts from scratch" in r.stderr
     tuned = torch.load(tmp_path / "o" / "ft" / "last.pth.tar", weights_only=False)["state_dict"]
@@ -193,14 +245,31 @@ def test_kills_while_saving_lose_nothing(tmp_path):
     last.pth.tar, one summary row per epoch, and model_best the best epoch of the whole run."""
     data = write_digits(tmp_path / "digits", per_class=6, val_per_class=3)
     out, epochs = tmp_path / "out", 4
-    args = [str(data), *TRAIN_ARGS, "-b", "8", "--epochs", str(epochs), "--output", str(out), "--experiment", "run",
-            "--checkpoint-hist", "2"]
+    args = [
+        str(data),
+        *TRAIN_ARGS,
+        "-b",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--output",
+        str(out),
+        "--experiment",
+        "run",
+        "--checkpoint-hist",
+        "2",
+    ]
     last = out / "run" / "last.pth.tar"
     kills = 0
     for nth in (3, 5, 2, 4, 6, 0):  # 0: no kill, finish the run
         resume = ["--resume", str(last)] if last.exists() else []
-        r = subprocess.run([sys.executable, "-c", _KILL_AT_NTH_REPLACE, str(nth), *args, *resume], cwd=CLS,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", _KILL_AT_NTH_REPLACE, str(nth), *args, *resume],
+            cwd=CLS,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if r.returncode == -signal.SIGKILL:
             kills += 1
             if last.exists():
@@ -228,12 +297,37 @@ def test_resume_keeps_the_best_epoch_and_the_history(tmp_path):
     nor the kept checkpoints, and the summary has one row per epoch."""
     data = write_digits(tmp_path / "digits", per_class=10, val_per_class=4)
     run_dir = tmp_path / "out" / "run"
-    args = [str(data), *TRAIN_ARGS, "-b", "8", "--output", str(tmp_path / "out"), "--experiment", "run",
-            "--checkpoint-hist", "2"]
+    args = [
+        str(data),
+        *TRAIN_ARGS,
+        "-b",
+        "8",
+        "--output",
+        str(tmp_path / "out"),
+        "--experiment",
+        "run",
+        "--checkpoint-hist",
+        "2",
+    ]
     r = run(["train.py", *args, "--epochs", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run(["train.py", *args, "--epochs", "4", "--resume", str(run_dir / "last.pth.tar"), "--no-resume-opt",
-             "--lr", "5", "--warmup-lr", "5", "--min-lr", "5"])
+    r = run(
+        [
+            "train.py",
+            *args,
+            "--epochs",
+            "4",
+            "--resume",
+            str(run_dir / "last.pth.tar"),
+            "--no-resume-opt",
+            "--lr",
+            "5",
+            "--warmup-lr",
+            "5",
+            "--min-lr",
+            "5",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_summary(run_dir / "summary.csv")
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]

@@ -1,4 +1,5 @@
 """tools/convert_checkpoint.py: the original's checkpoints and ours, to .safetensors / .pth, round-tripped."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -6,17 +7,21 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
-import elsa_swin  # noqa: F401
 from conftest import DATA
 from test_cls import LOGITS_ATOL
+
+import elsa_swin  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,9 @@ def test_original_checkpoint_round_trips_through_timm(tmp_path, original, suffix
     r = convert(path, dst)
     assert r.returncode == 0, r.stderr
     assert "elsa_swin_nano" in r.stdout
-    model = timm.create_model("elsa_swin_nano", num_classes=10, pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(dst), num_classes=10)).eval()
+    model = timm.create_model(
+        "elsa_swin_nano", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(dst), num_classes=10)
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ref["input"]), ref["logits"], rtol=0, atol=LOGITS_ATOL)
     if suffix == ".safetensors":
@@ -48,8 +54,9 @@ def test_original_checkpoint_round_trips_through_timm(tmp_path, original, suffix
 
 def test_original_checkpoint_loads_through_timm_as_it_is(original):
     path, ref = original
-    model = timm.create_model("elsa_swin_nano", num_classes=10, pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    model = timm.create_model(
+        "elsa_swin_nano", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10)
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ref["input"]), ref["logits"], rtol=0, atol=LOGITS_ATOL)
 
@@ -78,7 +85,9 @@ def test_ema_and_backbone(tmp_path, original):
     path, ref = original
     model = timm.create_model("elsa_swin_nano", num_classes=10)
     ema = {k: v + 1 for k, v in model.state_dict().items()}
-    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema, "epoch": 3, "version": 2}, tmp_path / "ours.pth.tar")
+    torch.save(
+        {"state_dict": model.state_dict(), "state_dict_ema": ema, "epoch": 3, "version": 2}, tmp_path / "ours.pth.tar"
+    )
     assert convert(tmp_path / "ours.pth.tar", tmp_path / "ema.safetensors", "--ema").returncode == 0
     from safetensors.torch import load_file
 

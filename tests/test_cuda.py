@@ -1,20 +1,21 @@
 """The CUDA operator on a GPU: against the CPU operator in float64 over the cases of the emulation tests, both
 layouts and the layouts of the results, reruns, autocast, torch.compile, opcheck and indices past 2^31.
 Skipped without a GPU; tests/test_cuda_emulation.py checks the same kernels' maths on CPU."""
+
 import itertools
 
 import pytest
 import torch
-
 from conftest import cuda_only
-from elsa_op import elsa_function, elsa_reference
 from op_cases import GEOMETRIES, assert_close_scaled, geometry_id, make_case
+
+from elsa_op import elsa_function, elsa_reference
 
 pytestmark = cuda_only
 ops = torch.ops.elsa_op
 
 CASES = GEOMETRIES + [
-    (1, 12, 7, 8, 2, 3, 1, 1),   # heads of 6 channels: scalar loads
+    (1, 12, 7, 8, 2, 3, 1, 1),  # heads of 6 channels: scalar loads
     (1, 64, 9, 8, 1, 13, 1, 1),  # a head split into chunks
     (1, 16, 6, 5, 2, 15, 1, 1),  # runtime K
 ]
@@ -28,12 +29,15 @@ def _all_ops(x, h, go, m, a, K, d, s, device):
     """Every op, every subset of the attention/ghost gradients, on `device`; results in call order."""
     x, h, go, m, a = (_on(t, device) for t in (x, h, go, m, a))
     G = h.shape[1]
-    results = [ops.elsa_forward(x, h, m, a, K, d, s),
-               ops.elsa_backward_features(go, h, m, a, x.shape[2], x.shape[3], K, d, s)]
+    results = [
+        ops.elsa_forward(x, h, m, a, K, d, s),
+        ops.elsa_backward_features(go, h, m, a, x.shape[2], x.shape[3], K, d, s),
+    ]
     mb, ab = m is not None and m.dim() == 4, a is not None and a.dim() == 4
     for need in itertools.product((False, True), repeat=3):
-        results += ops.elsa_backward_attn_ghost(go, x, h, m, G, K, d, s, need[0], need[1] and m is not None,
-                                                need[2] and a is not None, mb, ab)
+        results += ops.elsa_backward_attn_ghost(
+            go, x, h, m, G, K, d, s, need[0], need[1] and m is not None, need[2] and a is not None, mb, ab
+        )
     return results
 
 
@@ -46,10 +50,10 @@ def test_cuda_matches_cpu_float64(case, ghost, layout):
     _, _, _, m, a, x, h, go = make_case(*case, torch.float64, ghost, layout)
     want = _all_ops(x, h, go, m, a, K, d, s, "cpu")
     got = _all_ops(x, h, go, m, a, K, d, s, "cuda")
-    for k, (g, w) in enumerate(zip(got, want)):
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == w.shape and g.dtype == w.dtype, k
         assert g.stride() == w.stride() or g.numel() <= 1, (k, g.stride(), w.stride())
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-10, msg=lambda msg: f"result {k}: {msg}")
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-10, msg=lambda msg, k=k: f"result {k}: {msg}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -66,7 +70,7 @@ def test_cuda_low_precision_matches_the_reference(case, dtype):
     got = torch.autograd.grad(out, dev, gol.cuda())
     tol = torch.float32 if dtype == torch.float32 else torch.bfloat16  # (half: bfloat16's looser tolerance)
     assert_close_scaled(out.cpu(), ref.detach(), tol, "forward")
-    for g, w, name in zip(got, want, ("features", "attention", "ghost_mul", "ghost_add")):
+    for g, w, name in zip(got, want, ("features", "attention", "ghost_mul", "ghost_add"), strict=True):
         ghost = name.startswith("ghost")
         assert g.dtype == (torch.float32 if ghost else dtype)
         assert_close_scaled(g.cpu(), w, torch.float32 if ghost and dtype != torch.float32 else tol, name)
@@ -79,7 +83,7 @@ def test_cuda_reruns_are_bit_identical(dtype, layout):
     _, _, _, m, a, x, h, go = make_case(4, 96, 28, 28, 3, 7, 1, 1, dtype, "broadcast", layout)
     first = _all_ops(x, h, go, m, a, 7, 1, 1, "cuda")
     second = _all_ops(x, h, go, m, a, 7, 1, 1, "cuda")
-    for k, (t1, t2) in enumerate(zip(first, second)):
+    for k, (t1, t2) in enumerate(zip(first, second, strict=True)):
         assert torch.equal(t1, t2), k
 
 
@@ -110,7 +114,7 @@ def test_cuda_autocast_keeps_ghost_kernels_float32(dtype):
     grads = torch.autograd.grad(out.float().square().sum(), [layer.ghost_mul, layer.ghost_add])
     assert all(g.dtype == torch.float32 for g in grads)
     torch.testing.assert_close(out.float(), want, rtol=5e-2, atol=5e-2)
-    for g, w in zip(grads, want_grads):
+    for g, w in zip(grads, want_grads, strict=True):
         assert_close_scaled(g, w, torch.bfloat16, "ghost grad under autocast")
 
 
@@ -128,7 +132,7 @@ def test_cuda_torch_compile_fullgraph_inductor():
     for t in (x, h, m, a):
         t.grad = None
     elsa_reference(x.relu(), h.softmax(2), m, a, kernel_size=7).sum().backward()
-    for g, t in zip(got, (x, h, m, a)):
+    for g, t in zip(got, (x, h, m, a), strict=True):
         torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -162,8 +166,9 @@ def test_cuda_rejects_cpu_tensors():
 def test_cuda_gradcheck():
     _, _, _, m, a, x, h, _ = make_case(2, 8, 7, 9, 2, 5, 2, 2, torch.float64, "broadcast", "channels_last")
     leaves = [t.cuda().requires_grad_() for t in (x, h, m, a)]
-    assert torch.autograd.gradcheck(lambda *t: elsa_function(*t, kernel_size=5, dilation=2, stride=2), leaves,
-                                    eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda *t: elsa_function(*t, kernel_size=5, dilation=2, stride=2), leaves, eps=1e-6, atol=1e-7
+    )
 
 
 def test_cuda_indices_past_2_31():
@@ -183,12 +188,18 @@ def test_cuda_indices_past_2_31():
 
     xb, hb, gob = big(x), big(h, attn=True), big(go)
     mb, ab = (t.expand(B, -1, -1, -1).contiguous().cuda() for t in (m, a))
-    got = [ops.elsa_forward(xb, hb, mb, ab, K, 1, 1)[-1:].cpu(),
-           ops.elsa_backward_features(gob, hb, mb, ab, H, W, K, 1, 1)[-1:].cpu()]
-    got += [t[-1:].cpu() for t in ops.elsa_backward_attn_ghost(gob, xb, hb, mb, G, K, 1, 1, True, True, True, True,
-                                                               True)]
-    want = [ops.elsa_forward(x, h, m, a, K, 1, 1), ops.elsa_backward_features(go, h, m, a, H, W, K, 1, 1),
-            *ops.elsa_backward_attn_ghost(go, x, h, m, G, K, 1, 1, True, True, True, True, True)]
-    for k, (g, w) in enumerate(zip(got, want)):
+    got = [
+        ops.elsa_forward(xb, hb, mb, ab, K, 1, 1)[-1:].cpu(),
+        ops.elsa_backward_features(gob, hb, mb, ab, H, W, K, 1, 1)[-1:].cpu(),
+    ]
+    got += [
+        t[-1:].cpu() for t in ops.elsa_backward_attn_ghost(gob, xb, hb, mb, G, K, 1, 1, True, True, True, True, True)
+    ]
+    want = [
+        ops.elsa_forward(x, h, m, a, K, 1, 1),
+        ops.elsa_backward_features(go, h, m, a, H, W, K, 1, 1),
+        *ops.elsa_backward_attn_ghost(go, x, h, m, G, K, 1, 1, True, True, True, True, True),
+    ]
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.dtype == w.dtype
         assert_close_scaled(g, w.double(), torch.bfloat16, f"result {k}")

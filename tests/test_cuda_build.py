@@ -1,5 +1,6 @@
 """The compiled CUDA kernels, read from the built library (no GPU needed): every kernel of
 elsa_op/csrc/cuda has code for sm_80 and sm_90, and none spills registers to local memory."""
+
 import re
 import shutil
 from pathlib import Path
@@ -17,26 +18,40 @@ def cuobjdump() -> str:
     from torch.utils.cpp_extension import CUDA_HOME
 
     found = shutil.which("cuobjdump") or next(
-        (str(p) for p in (Path(CUDA_HOME or "/usr/local/cuda") / "bin" / "cuobjdump",
-                          Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-         if p.exists()), None)
+        (
+            str(p)
+            for p in (
+                Path(CUDA_HOME or "/usr/local/cuda") / "bin" / "cuobjdump",
+                Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump",
+            )
+            if p.exists()
+        ),
+        None,
+    )
     if found is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the library with")
     return found
 
 
-@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key("elsa_op::elsa_forward", "CUDA"),
-                    reason="elsa_op._C was built without CUDA kernels")
+@pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("elsa_op::elsa_forward", "CUDA"),
+    reason="elsa_op._C was built without CUDA kernels",
+)
 def test_every_cuda_kernel_has_sm80_and_sm90_code_and_no_spills():
     import subprocess
 
     library = next(Path(elsa_op.__file__).parent.glob("_C*.so"))
-    dump = subprocess.run([cuobjdump(), "--dump-resource-usage", str(library)], capture_output=True, text=True,
-                          check=True).stdout
+    dump = subprocess.run(
+        [cuobjdump(), "--dump-resource-usage", str(library)], capture_output=True, text=True, check=True
+    ).stdout
     kernels = set()
     for source in (REPO / "elsa_op" / "csrc" / "cuda").glob("*.cu"):
-        kernels |= set(re.findall(r"__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)",
-                              source.read_text()))
+        kernels |= set(
+            re.findall(
+                r"__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)",
+                source.read_text(),
+            )
+        )
     assert kernels
     found = {}  # (arch, kernel) -> resource lines
     arch = None

@@ -6,13 +6,13 @@ memory poisoned with NaN, barriers enforced, outputs poisoned; see that file). H
 with elsa_reference, the op's definition, over kernel sizes, dilations, strides, dtypes, layouts, ghost
 kernels, gradient subsets, small images, chunked heads and indices past 2^31.
 """
+
 import hashlib
 import itertools
 from pathlib import Path
 
 import pytest
 import torch
-
 from op_cases import GEOMETRIES, assert_close_scaled, geometry_id, make_case, reference_grads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +28,13 @@ def emu():
     # of the kernels is never tested against a stale build.
     headers = sorted((REPO / "elsa_op" / "csrc").rglob("*.h")) + sorted((REPO / "elsa_op" / "csrc").rglob("*.cuh"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in headers)).hexdigest()[:16]
-    return load(name="elsa_cuda_emulation", sources=[str(REPO / "tests" / "cuda_emulation" / "emulation.cpp")],
-                extra_include_paths=[str(REPO / "elsa_op" / "csrc" / "cuda")],
-                extra_cflags=["-std=c++20", "-O1", f"-DELSA_HEADERS_{digest}"], build_directory=str(build))
+    return load(
+        name="elsa_cuda_emulation",
+        sources=[str(REPO / "tests" / "cuda_emulation" / "emulation.cpp")],
+        extra_include_paths=[str(REPO / "elsa_op" / "csrc" / "cuda")],
+        extra_cflags=["-std=c++20", "-O1", f"-DELSA_HEADERS_{digest}"],
+        build_directory=str(build),
+    )
 
 
 def _check(emu, B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, subsets=None):
@@ -51,8 +55,9 @@ def _check(emu, B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, subset
     add_batched = a is not None and a.dim() == 4
     for need in subsets or itertools.product((False, True), repeat=3):
         need_attn, need_mul, need_add = need[0], need[1] and m is not None, need[2] and a is not None
-        gh, gm, ga, r = emu.backward_attn_ghost(gol, xl, hl, m, G, K, dilation, stride, need_attn, need_mul,
-                                                need_add, mul_batched, add_batched, -1)
+        gh, gm, ga, r = emu.backward_attn_ghost(
+            gol, xl, hl, m, G, K, dilation, stride, need_attn, need_mul, need_add, mul_batched, add_batched, -1
+        )
         ran += r
         if need_attn:
             assert gh.dtype == dtype
@@ -63,12 +68,12 @@ def _check(emu, B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, subset
             if needed:
                 # Ghost gradients are float32 beside half/bfloat16 (float64 for float64).
                 assert grad.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-                assert_close_scaled(grad, ref, torch.float32 if dtype == torch.bfloat16 else dtype, f"grad {name} {need}")
+                assert_close_scaled(
+                    grad, ref, torch.float32 if dtype == torch.bfloat16 else dtype, f"grad {name} {need}"
+                )
             else:
                 assert grad.numel() == 0
     return ran
-
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -101,11 +106,25 @@ def test_emulated_heads_not_a_multiple_of_the_vector(emu, dtype):
 def test_emulated_large_heads_and_kernels(emu):
     """A head with more (channel vector, tap) pairs than a block holds: its channels and taps are split into
     chunks and the attention gradient summed over channel chunks; K = 15 takes the runtime-K kernels."""
-    ran = _check(emu, 1, 64, 9, 8, 1, 13, 1, 1, torch.float32, "broadcast", "channels_last",
-                 subsets=[(True, True, True), (True, False, False)])
+    ran = _check(
+        emu,
+        1,
+        64,
+        9,
+        8,
+        1,
+        13,
+        1,
+        1,
+        torch.float32,
+        "broadcast",
+        "channels_last",
+        subsets=[(True, True, True), (True, False, False)],
+    )
     assert "chunk_sum" in ran
-    ran = _check(emu, 1, 16, 6, 5, 2, 15, 1, 1, torch.float32, "broadcast", "channels_last",
-                 subsets=[(True, True, True)])
+    ran = _check(
+        emu, 1, 16, 6, 5, 2, 15, 1, 1, torch.float32, "broadcast", "channels_last", subsets=[(True, True, True)]
+    )
     assert "forward<0,4>" in ran
 
 

@@ -1,4 +1,5 @@
 """elsa_op: parity with the original, gradcheck against the reference, opcheck, compile, bad input."""
+
 import itertools
 import os
 import subprocess
@@ -7,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from elsa_op import elsa_function, elsa_reference
-from conftest import DATA
 
 
-def make_inputs(B=2, C=6, H=7, W=9, G=3, K=3, stride=1, ghost="broadcast", dtype=torch.float64, device="cpu", grad=True):
+def make_inputs(
+    B=2, C=6, H=7, W=9, G=3, K=3, stride=1, ghost="broadcast", dtype=torch.float64, device="cpu", grad=True
+):
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     g = torch.Generator().manual_seed(B * 1000 + C * 100 + K * 10 + stride)
     ghost_shape = {"broadcast": (C, K, K), "batched": (B, C, K, K)}.get(ghost)
@@ -45,7 +48,7 @@ def test_parity_with_original(case):
     inputs = {"grad_features": x, "grad_h_attn": h, "grad_ghost_mul": mul, "grad_ghost_add": add}
     wanted = {k: v for k, v in inputs.items() if c[k] is not None}
     grads = torch.autograd.grad(out, list(wanted.values()), c["grad_out"])
-    for name, grad in zip(wanted, grads):
+    for name, grad in zip(wanted, grads, strict=True):
         torch.testing.assert_close(grad, c[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
@@ -58,7 +61,9 @@ def test_gradcheck_grid(K, dilation, stride):
     x, h, m, a = make_inputs(B=2, C=6, H=6, W=5, G=3, K=K, stride=stride)
     fn = lambda *t: elsa_function(*t, kernel_size=K, dilation=dilation, stride=stride)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, h, m, a), eps=1e-6, atol=1e-7)
-    torch.testing.assert_close(fn(x, h, m, a), elsa_reference(x, h, m, a, kernel_size=K, dilation=dilation, stride=stride))
+    torch.testing.assert_close(
+        fn(x, h, m, a), elsa_reference(x, h, m, a, kernel_size=K, dilation=dilation, stride=stride)
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,7 +94,7 @@ def test_mixed_ghost_batching_and_partial_grads():
     go = torch.randn_like(out)
     got = torch.autograd.grad(out, (h, a), go)
     want = torch.autograd.grad(ref, (h, a), go)
-    for g1, g2 in zip(got, want):
+    for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2)
 
 
@@ -101,9 +106,7 @@ def test_non_contiguous_inputs():
     assert not xt.is_contiguous() and not ht.is_contiguous() and not mt.is_contiguous()
     torch.testing.assert_close(elsa_function(xt, ht, mt, a, kernel_size=3), elsa_function(x, h, m, a, kernel_size=3))
     big = torch.randn(2, 12, 8, 8, dtype=torch.float64)[:, ::2]  # channel-strided slice
-    torch.testing.assert_close(
-        elsa_function(big, h, m, a, kernel_size=3), elsa_reference(big, h, m, a, kernel_size=3)
-    )
+    torch.testing.assert_close(elsa_function(big, h, m, a, kernel_size=3), elsa_reference(big, h, m, a, kernel_size=3))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
@@ -128,12 +131,12 @@ def test_autocast_casts_like_a_convolution_and_keeps_ghost_kernels_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16), _RecordOps() as mode:
         out = elsa_function(x, h.double(), m.double(), a, kernel_size=3)  # mixed dtypes are unified
     assert out.dtype == torch.bfloat16
-    (name, args), = mode.calls
+    ((name, args),) = mode.calls
     assert [t.dtype for t in args[:4]] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
     torch.testing.assert_close(out.float(), elsa_function(x, h, m, a, kernel_size=3), rtol=5e-2, atol=5e-2)
     gm, ga = torch.autograd.grad(out.float().sum(), (m, a))
     want = torch.autograd.grad(elsa_reference(x, h, m, a, kernel_size=3).sum(), (m, a))
-    for got, ref in zip((gm, ga), want):
+    for got, ref in zip((gm, ga), want, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
@@ -155,7 +158,7 @@ def test_backward_is_deterministic():
     for _ in range(2):
         out = elsa_function(x, h, m, a, kernel_size=7)
         grads.append(torch.autograd.grad(out, (x, h, m, a), torch.ones_like(out)))
-    for g1, g2 in zip(*grads):
+    for g1, g2 in zip(*grads, strict=True):
         assert torch.equal(g1, g2)
 
 
@@ -194,7 +197,7 @@ def test_channels_last_matches_reference(B, C, H, W, G, K, dilation, stride, gho
     live = [t for t in (m, a) if t is not None]
     got = torch.autograd.grad(out, [x_cl, h_cl, *live], go)
     want = torch.autograd.grad(ref, [x, h, *live], go)
-    for g1, g2 in zip(got, want):
+    for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2.view_as(g1), rtol=1e-10, atol=1e-10)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     assert got[1].permute(0, 3, 4, 1, 2).is_contiguous()  # attention gradient in the attention's layout
@@ -251,8 +254,14 @@ def test_channels_last_every_instruction_set():
         env = {k: v for k, v in os.environ.items() if k != "ELSA_CPU_CAPABILITY"}
         if forced:
             env["ELSA_CPU_CAPABILITY"] = forced
-        out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
         capability, worst = out.stdout.split()
         seen[forced] = capability
         assert float(worst) < 1e-10, (capability, worst)
@@ -277,7 +286,7 @@ def test_results_do_not_depend_on_thread_count(layout):
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
-        for t1, t2 in zip(results[0], other):
+        for t1, t2 in zip(results[0], other, strict=True):
             assert torch.equal(t1, t2)
 
 
@@ -304,7 +313,7 @@ def test_layer_hands_the_op_channels_last_memory():
     x = torch.randn(2, 9, 11, 48, dtype=torch.float64, requires_grad=True)
     with _RecordOps() as mode:
         out = layer(x)
-    (name, (features, h_attn, *_)), = mode.calls
+    ((name, (features, h_attn, *_)),) = mode.calls
     assert name == "elsa_forward.default"
     assert features.stride(1) == 1 and h_attn.permute(0, 3, 4, 1, 2).is_contiguous()
     got = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
@@ -314,7 +323,7 @@ def test_layer_hands_the_op_channels_last_memory():
     assert mode.calls == []
     want = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
     torch.testing.assert_close(out, ref)
-    for g1, g2 in zip(got, want):
+    for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2)
 
 
@@ -335,8 +344,10 @@ def test_opcheck_every_op(ghost, stride, layout):
     batched = ghost == "batched"
     torch.library.opcheck(ops.elsa_backward_features.default, (go, h, m, a, x.shape[2], x.shape[3], 3, 2, stride))
     for need_attn, need_mul, need_add in itertools.product((False, True), repeat=3):
-        torch.library.opcheck(ops.elsa_backward_attn_ghost.default,
-                              (go, x, h, m, 3, 3, 2, stride, need_attn, need_mul, need_add, batched, batched))
+        torch.library.opcheck(
+            ops.elsa_backward_attn_ghost.default,
+            (go, x, h, m, 3, 3, 2, stride, need_attn, need_mul, need_add, batched, batched),
+        )
 
 
 def test_torch_compile_fullgraph_inductor():
@@ -353,7 +364,7 @@ def test_torch_compile_fullgraph_inductor():
     for t in (x, h, m, a):
         t.grad = None
     elsa_reference(x.relu(), h.softmax(2), m, a, kernel_size=3).sum().backward()
-    for g, t in zip(got, (x, h, m, a)):
+    for g, t in zip(got, (x, h, m, a), strict=True):
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
 
 
@@ -419,7 +430,7 @@ def test_backward_ops_check_their_arguments():
 def test_double_backward_is_refused():
     x, h, m, a = make_inputs()
     out = elsa_function(x, h, m, a, kernel_size=3)
-    gx, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(gx.sum(), h)
 

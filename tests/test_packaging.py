@@ -1,4 +1,5 @@
 """The installed project: import boundaries, no hand-made import paths, and safe checkpoint loading."""
+
 import pickle
 import subprocess
 import sys
@@ -16,17 +17,18 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_elsa_op_imports_with_torch_alone():
-    r = python("import sys; sys.modules['timm'] = None; sys.modules['mmengine'] = None\n"
-               "import elsa_op, torch\n"
-               "layer = elsa_op.ELSAAttention(16, 2, kernel_size=3, group_width=4)\n"
-               "print(tuple(layer(torch.randn(1, 5, 6, 16)).shape))")
+    r = python(
+        "import sys; sys.modules['timm'] = None; sys.modules['mmengine'] = None\n"
+        "import elsa_op, torch\n"
+        "layer = elsa_op.ELSAAttention(16, 2, kernel_size=3, group_width=4)\n"
+        "print(tuple(layer(torch.randn(1, 5, 6, 16)).shape))"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["(1,", "5,", "6,", "16)"]
 
 
 def test_every_package_is_installed_outside_the_working_directory():
-    r = python("import elsa_op, elsa_swin, elsa_cls, timm; "
-               "timm.create_model('elsa_swin_nano'); print('ok')")
+    r = python("import elsa_op, elsa_swin, elsa_cls, timm; timm.create_model('elsa_swin_nano'); print('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
@@ -44,7 +46,8 @@ def test_importing_elsa_mm_only_registers():
         "assert MODELS.get('ELSASwin') is elsa_mm.ELSASwin and HOOKS.get('SafeCheckpointHook') is not None\n"
         "elsa_mm.allow_mmengine_checkpoints()\n"
         "assert HistoryBuffer in torch.serialization.get_safe_globals()\n"
-        "print('ok')")
+        "print('ok')"
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
@@ -98,18 +101,32 @@ def _tiny_image_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("tool,flag", [("train.py", "--resume"), ("train.py", "--initial-checkpoint"),
-                                       ("validate.py", "--checkpoint")])
+@pytest.mark.parametrize(
+    "tool,flag", [("train.py", "--resume"), ("train.py", "--initial-checkpoint"), ("validate.py", "--checkpoint")]
+)
 def test_cls_tools_refuse_code_in_checkpoints(tmp_path, planted, tool, flag):
     path, marker = planted
     data = _tiny_image_folder(tmp_path / "data")
-    args = [str(REPO / "cls" / tool), str(data), "--model", "elsa_swin_nano", "--img-size", "32", "-j", "0", flag, str(path)]
+    args = [
+        str(REPO / "cls" / tool),
+        str(data),
+        "--model",
+        "elsa_swin_nano",
+        "--img-size",
+        "32",
+        "-j",
+        "0",
+        flag,
+        str(path),
+    ]
     if tool == "train.py":
         args += ["--epochs", "1", "--output", str(tmp_path / "out")]
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: refusing to load checkpoint {path}") and "unpickle getattr" in last, r.stderr[-2000:]
+    assert last.startswith(f"error: refusing to load checkpoint {path}") and "unpickle getattr" in last, r.stderr[
+        -2000:
+    ]
     assert "Traceback" not in r.stderr
     assert not marker.exists()
 
@@ -120,22 +137,35 @@ def test_backbone_pretrained_refuses_code_in_checkpoints(planted):
     from elsa_swin import CheckpointError
 
     path, marker = planted
-    backbone = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4,
-                        init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    backbone = ELSASwin(
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        group_width=4,
+        init_cfg=dict(type="Pretrained", checkpoint=str(path)),
+    )
     with pytest.raises(CheckpointError, match="refusing to load checkpoint"):
         backbone.init_weights()
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("project,config", [
-    ("det", "configs/elsa_swin/mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"),
-    ("seg", "configs/elsa_swin/upernet_elsa-swin-t_8xb2-160k_ade20k-512x512.py"),
-])
+@pytest.mark.parametrize(
+    "project,config",
+    [
+        ("det", "configs/elsa_swin/mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"),
+        ("seg", "configs/elsa_swin/upernet_elsa-swin-t_8xb2-160k_ade20k-512x512.py"),
+    ],
+)
 def test_mm_test_tools_refuse_code_in_checkpoints(tmp_path, planted, project, config):
     pytest.importorskip("mmdet" if project == "det" else "mmseg")
     path, marker = planted
-    r = subprocess.run([sys.executable, "tools/test.py", config, str(path), "--work-dir", str(tmp_path / "w")],
-                       cwd=REPO / project, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "tools/test.py", config, str(path), "--work-dir", str(tmp_path / "w")],
+        cwd=REPO / project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: refusing to load checkpoint {path}"), r.stderr[-2000:]
     assert not marker.exists()
@@ -152,7 +182,7 @@ def test_safetensors_and_truncated_files(tmp_path):
     save_file(model.state_dict(), tmp_path / "w.safetensors")
     other = timm.create_model("elsa_swin_nano", num_classes=3)
     load_weights(other, load_checkpoint_file(tmp_path / "w.safetensors"), "w.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
 
     torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pth")
     data = (tmp_path / "w.pth").read_bytes()

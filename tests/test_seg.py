@@ -1,4 +1,5 @@
 """seg: the ELSA-Swin backbone in mmsegmentation, the UPerNet configs, and train -> test (+TTA) -> resume."""
+
 from pathlib import Path
 
 import pytest
@@ -83,8 +84,15 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(by_epoch=False, in
 def small_config(tmp_path: Path, iters: int = 12, ckpt: int = 6) -> Path:
     data = write_ade(tmp_path / "ade")
     path = tmp_path / "small_upernet.py"
-    path.write_text(SMALL.format(config=REPO / "seg" / "configs" / "elsa_swin" / "upernet_elsa-swin-t_8xb2-160k_ade20k-512x512.py",
-                                 data=data, classes=SEG_CLASSES, iters=iters, ckpt=ckpt))
+    path.write_text(
+        SMALL.format(
+            config=REPO / "seg" / "configs" / "elsa_swin" / "upernet_elsa-swin-t_8xb2-160k_ade20k-512x512.py",
+            data=data,
+            classes=SEG_CLASSES,
+            iters=iters,
+            ckpt=ckpt,
+        )
+    )
     return path
 
 
@@ -98,11 +106,15 @@ def test_train_then_test_with_and_without_tta_then_resume(tmp_path):
     assert len(values) == 12 and falling(values), values
     ckpt = work / "iter_12.pth"
     for extra in ([], ["--aug-test"]):
-        r = run_tool("seg", ["tools/test.py", str(config), str(ckpt), *extra, "--eval", "mIoU", "--work-dir", str(work)])
+        r = run_tool(
+            "seg", ["tools/test.py", str(config), str(ckpt), *extra, "--eval", "mIoU", "--work-dir", str(work)]
+        )
         assert r.returncode == 0, r.stderr[-4000:]
         assert "mIoU" in r.stdout + r.stderr
-    r = run_tool("seg", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "resumed"),
-                         "--resume", str(work / "iter_6.pth")])
+    r = run_tool(
+        "seg",
+        ["tools/train.py", str(config), "--work-dir", str(tmp_path / "resumed"), "--resume", str(work / "iter_6.pth")],
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert len(losses(tmp_path / "resumed")) == 6  # iterations 7-12 only
 
@@ -128,7 +140,11 @@ def test_bad_inputs(tmp_path):
     r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mAP"])
     assert r.returncode != 0 and "--eval mAP" in r.stderr
     r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mIoU"])
-    assert r.returncode != 0 and "x.pth does not fit the model of" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
-    r = run_tool("seg", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"),
-                         "--cfg-options", "train_cfg.max_iters=-1"])
+    assert r.returncode != 0 and "x.pth does not fit the model of" in r.stderr.strip().splitlines()[-1], r.stderr[
+        -3000:
+    ]
+    r = run_tool(
+        "seg",
+        ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"), "--cfg-options", "train_cfg.max_iters=-1"],
+    )
     assert r.returncode != 0 and "error: train_cfg.max_iters=-1" in r.stderr.strip().splitlines()[-1]

@@ -7,6 +7,7 @@ float64 run the same code with another element type).
 
     compute-sanitizer --tool memcheck python -m tools.gpu_sanitizer_cases
 """
+
 import itertools
 
 import torch
@@ -16,21 +17,25 @@ from elsa_op import elsa_function
 GEOMETRIES = [  # B, C, H, W, G, K, dilation, stride
     (2, 16, 9, 11, 2, 3, 1, 1),
     (1, 32, 8, 10, 1, 7, 2, 2),
-    (2, 12, 7, 5, 2, 5, 1, 3),   # 6 channels per head: scalar loads
+    (2, 12, 7, 5, 2, 5, 1, 3),  # 6 channels per head: scalar loads
     (1, 16, 3, 4, 2, 13, 1, 1),  # window wider than the image
     (1, 64, 6, 5, 1, 13, 1, 1),  # head split into chunks
     (1, 16, 5, 6, 2, 15, 2, 1),  # runtime K
 ]
-GHOSTS = {"broadcast": lambda B, C, K: ((C, K, K), (C, K, K)), "batched": lambda B, C, K: ((B, C, K, K),) * 2,
-          "mixed": lambda B, C, K: ((C, K, K), (B, C, K, K)), "none": lambda B, C, K: (None, None)}
+GHOSTS = {
+    "broadcast": lambda B, C, K: ((C, K, K), (C, K, K)),
+    "batched": lambda B, C, K: ((B, C, K, K),) * 2,
+    "mixed": lambda B, C, K: ((C, K, K), (B, C, K, K)),
+    "none": lambda B, C, K: (None, None),
+}
 
 
 def main() -> None:
     torch.manual_seed(0)
     calls = 0
     for dtype, layout, geometry, ghost in itertools.product(
-            (torch.float32, torch.bfloat16), ("nchw", "channels_last"), GEOMETRIES,
-            GHOSTS):
+        (torch.float32, torch.bfloat16), ("nchw", "channels_last"), GEOMETRIES, GHOSTS
+    ):
         B, C, H, W, G, K, d, s = geometry
         Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
         x = torch.randn(B, C, H, W, device="cuda", dtype=dtype)

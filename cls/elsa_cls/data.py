@@ -9,11 +9,12 @@ data instead of training or reporting on the wrong thing.
   skips it, evaluation leaves it out of the metrics instead of counting another image twice.
 - 16-bit greyscale images are scaled to 8 bits rather than clipped to white.
 """
+
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def check_image_folder(root: str, split: str) -> Path:
     return folder
 
 
-def scan_image_folder(folder: Path) -> Dict[str, List[Path]]:
+def scan_image_folder(folder: Path) -> dict[str, list[Path]]:
     """Images of each class folder (sorted), following symlinks but refusing loops."""
     found = {}
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -101,19 +102,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: applied to each PIL image (timm's ``create_loader`` sets it).
     """
 
-    def __init__(self, folder: Path, class_names: Optional[Sequence[str]] = None, is_training: bool = False,
-                 transform: Optional[Callable] = None):
+    def __init__(
+        self,
+        folder: Path,
+        class_names: Sequence[str] | None = None,
+        is_training: bool = False,
+        transform: Callable | None = None,
+    ):
         found = scan_image_folder(Path(folder))
         self.class_names = list(class_names) if class_names is not None else sorted(found)
         unknown = sorted(set(found) - set(self.class_names))
         if unknown:
-            raise DatasetError(f"{folder} has class folders the model does not know: {', '.join(unknown)} "
-                               f"(its classes: {_short(self.class_names)})")
+            raise DatasetError(
+                f"{folder} has class folders the model does not know: {', '.join(unknown)} "
+                f"(its classes: {_short(self.class_names)})"
+            )
         absent = [c for c in self.class_names if c not in found]
         if absent:
             _logger.warning(f"{folder} has no images of {len(absent)} classes: {_short(absent)}")
         index = {name: i for i, name in enumerate(self.class_names)}
-        self.samples: List[Tuple[Path, int]] = [(p, index[c]) for c in sorted(found) for p in found[c]]
+        self.samples: list[tuple[Path, int]] = [(p, index[c]) for c in sorted(found) for p in found[c]]
         self.is_training = is_training
         self.transform = transform
 

@@ -3,6 +3,7 @@ ImageFolder: <out>/train/<digit>/*.png and <out>/val/<digit>/*.png, upscaled to 
 
     python cls/make_digits.py data/digits
 """
+
 import argparse
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def main() -> None:
         folder = args.out / split / str(digits.target[idx])
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[idx] * (255.0 / 16.0)).astype(np.uint8)
-        Image.fromarray(pixels).convert("RGB").resize((args.size, args.size), Image.BICUBIC).save(folder / f"{idx:04d}.png")
+        Image.fromarray(pixels).convert("RGB").resize((args.size, args.size), Image.BICUBIC).save(
+            folder / f"{idx:04d}.png"
+        )
     print(f"wrote {len(order) - n_val} train and {n_val} val images to {args.out}")
 
 

@@ -5,10 +5,11 @@
 Class names come from the checkpoint (train.py stores them), else from timm's ImageNet-1k names when the
 classifier has 1000 classes, else they are the class indices.
 """
+
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import torch
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def class_names(checkpoint: dict, num_classes: int) -> List[str]:
+def class_names(checkpoint: dict, num_classes: int) -> list[str]:
     names = checkpoint.get("class_names")
     if names is not None and len(names) == num_classes:
         return list(names)
@@ -43,7 +44,7 @@ def class_names(checkpoint: dict, num_classes: int) -> List[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def load_classifier(model_name: str, checkpoint_path: str, img_size: Optional[int] = None, use_ema: bool = False):
+def load_classifier(model_name: str, checkpoint_path: str, img_size: int | None = None, use_ema: bool = False):
     """(model in eval mode, its class names) from a checkpoint; errors as one-line SystemExit."""
     try:
         checkpoint = load_checkpoint_file(checkpoint_path)
@@ -62,13 +63,14 @@ def load_classifier(model_name: str, checkpoint_path: str, img_size: Optional[in
     return model.eval(), class_names(checkpoint, model.num_classes)
 
 
-def eval_transform(model, img_size: Optional[int] = None):
+def eval_transform(model, img_size: int | None = None):
     """The evaluation transform of the model's data config (at ``img_size`` if given), as validate.py's."""
     return create_transform(**resolve_data_config({"img_size": img_size} if img_size else {}, model=model))
 
 
-def predict_images(model, names: Sequence[str], paths: Sequence[Path], topk: int, device: torch.device,
-                   img_size: Optional[int] = None):
+def predict_images(
+    model, names: Sequence[str], paths: Sequence[Path], topk: int, device: torch.device, img_size: int | None = None
+):
     """[(path, [(name, probability), ...]), ...] for each image; unreadable images stop with their name."""
     transform = eval_transform(model, img_size)
     results = []
@@ -80,7 +82,7 @@ def predict_images(model, names: Sequence[str], paths: Sequence[Path], topk: int
         with torch.no_grad():
             probs = model(x).float().softmax(-1)[0]
         top = probs.topk(min(topk, len(names)))
-        results.append((path, [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]))
+        results.append((path, [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]))
     return results
 
 

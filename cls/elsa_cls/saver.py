@@ -1,7 +1,9 @@
 """timm's CheckpointSaver (last, model_best and the best ``--checkpoint-hist`` epochs, with its history
 kept in each checkpoint for ``--resume``), writing every file atomically and storing the class names."""
+
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from timm.utils import CheckpointSaver
 from timm.utils.model import get_state_dict
@@ -18,12 +20,12 @@ class RunSaver(CheckpointSaver):
             predict.py read it). Other arguments: timm's ``CheckpointSaver``.
     """
 
-    def __init__(self, *args, class_names: Optional[Sequence[str]] = None, **kwargs):
+    def __init__(self, *args, class_names: Sequence[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.class_names = list(class_names) if class_names is not None else None
         # The run's per-epoch summary rows, saved with each checkpoint: a run resumed after a kill that
         # came between the checkpoint and summary.csv rebuilds summary.csv from them.
-        self.summary: List[Dict[str, Any]] = []
+        self.summary: list[dict[str, Any]] = []
 
     def _save(self, save_path, epoch, metric=None):
         state = {
@@ -47,7 +49,7 @@ class RunSaver(CheckpointSaver):
             state["metric"] = metric
         atomic_torch_save(state, save_path)
 
-    def save_checkpoint(self, epoch: int, metric: Optional[float] = None):
+    def save_checkpoint(self, epoch: int, metric: float | None = None):
         """Save ``last`` (atomically), then keep it as ``checkpoint-<epoch>`` and ``model_best`` where it earns
         a place, as timm's saver does. Returns (best metric, best epoch)."""
         last = os.path.join(self.checkpoint_dir, "last" + self.extension)
@@ -67,18 +69,22 @@ class RunSaver(CheckpointSaver):
         if epoch is not None:
             self._keep(epoch, metric, path)
 
-    def _keep(self, epoch: int, metric: Optional[float], source: str) -> None:
+    def _keep(self, epoch: int, metric: float | None, source: str) -> None:
         save_path = self._checkpoint_path(epoch)
         if save_path not in [f for f, _ in self.checkpoint_files]:
             worst = self.checkpoint_files[-1] if self.checkpoint_files else None
-            if (len(self.checkpoint_files) < self.max_history or worst[1] is None
-                    or (metric is not None and self.cmp(metric, worst[1]))):
+            if (
+                len(self.checkpoint_files) < self.max_history
+                or worst[1] is None
+                or (metric is not None and self.cmp(metric, worst[1]))
+            ):
                 if len(self.checkpoint_files) >= self.max_history:
                     self._cleanup_checkpoints(1)
                 self._duplicate(source, save_path)
                 self._track_checkpoint(save_path, epoch, metric, update_best_file=False)
-        if metric is not None and (self.best_epoch == epoch or self.best_metric is None
-                                   or self.cmp(metric, self.best_metric)):
+        if metric is not None and (
+            self.best_epoch == epoch or self.best_metric is None or self.cmp(metric, self.best_metric)
+        ):
             self.best_epoch, self.best_metric = epoch, metric
             self._duplicate(source, os.path.join(self.checkpoint_dir, "model_best" + self.extension))
 

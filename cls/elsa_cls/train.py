@@ -5,13 +5,14 @@ process, or on several with torchrun (see distributed_train.sh): NCCL on GPUs, g
 
     python cls/train.py <DATA> --model elsa_swin_tiny --epochs 300 -b 128 --opt adamw --lr 1e-3 ...
 """
+
 import argparse
 import csv
 import io
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,9 +26,9 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
 from elsa_swin.checkpoint import CheckpointError, load_checkpoint_file
+from elsa_swin.files import NoSpaceError, atomic_write_bytes, atomic_write_text
 
 from .data import DatasetError, ImageFolderDataset, check_image_folder
-from elsa_swin.files import NoSpaceError, atomic_write_bytes, atomic_write_text
 from .inference import load_weights, predict, resolve_amp
 from .saver import RunSaver
 
@@ -116,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp)")
     group.add_argument("--apex-amp", action="store_true", help="alias of --amp (NVIDIA apex is not used)")
     group.add_argument("--native-amp", action="store_true", help="alias of --amp")
-    group.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"],
-                       help="default: float16 on CUDA, bfloat16 on CPU")
+    group.add_argument(
+        "--amp-dtype", default=None, choices=["float16", "bfloat16"], help="default: float16 on CUDA, bfloat16 on CPU"
+    )
     group = parser.add_argument_group("Miscellaneous")
     group.add_argument("-j", "--workers", type=int, default=4)
     group.add_argument("--seed", type=int, default=42)
@@ -150,20 +152,27 @@ def parse_args(argv=None):
         options = {action.dest for action in parser._actions}
         unknown = sorted(str(k) for k in config if k not in options)
         if unknown:
-            raise SystemExit(f"error: -c {path}: unknown options {', '.join(unknown)} (keys are option names "
-                             "with underscores, e.g. weight_decay)")
+            raise SystemExit(
+                f"error: -c {path}: unknown options {', '.join(unknown)} (keys are option names "
+                "with underscores, e.g. weight_decay)"
+            )
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
-    for flag, value, least in (("--epochs", args.epochs, 1), ("-b/--batch-size", args.batch_size, 1),
-                               ("-j/--workers", args.workers, 0), ("--checkpoint-hist", args.checkpoint_hist, 1),
-                               ("--log-interval", args.log_interval, 1)):
+    for flag, value, least in (
+        ("--epochs", args.epochs, 1),
+        ("-b/--batch-size", args.batch_size, 1),
+        ("-j/--workers", args.workers, 0),
+        ("--checkpoint-hist", args.checkpoint_hist, 1),
+        ("--log-interval", args.log_interval, 1),
+    ):
         if value < least:
             raise SystemExit(f"error: {flag} must be at least {least}, got {value}")
     return args
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_ctx, loss_scaler,
-                    model_ema, mixup_fn):
+def train_one_epoch(
+    epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_ctx, loss_scaler, model_ema, mixup_fn
+):
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
         mixup_fn.mixup_enabled = False
     model.train()
@@ -180,7 +189,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             loss = loss_fn(model(x), target)
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=model.parameters())
+            loss_scaler(
+                loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode, parameters=model.parameters()
+            )
         else:
             loss.backward()
             if args.clip_grad is not None:
@@ -217,8 +228,11 @@ def evaluate(model, loader, args, device, amp_ctx):
             continue
         top1, topk = utils.accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
         n = target.size(0)
-        totals += torch.tensor([loss_fn(logits, target).item(), top1.item() * n / 100, topk.item() * n / 100, n],
-                               device=device, dtype=torch.float64)
+        totals += torch.tensor(
+            [loss_fn(logits, target).item(), top1.item() * n / 100, topk.item() * n / 100, n],
+            device=device,
+            dtype=torch.float64,
+        )
     if args.distributed:
         torch.distributed.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
@@ -248,7 +262,7 @@ def resume(model, optimizer, loss_scaler, state: dict, args) -> int:
     return start_epoch
 
 
-def plot_curves(rows: List[Dict[str, Any]], png: Path) -> None:
+def plot_curves(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,14 +291,16 @@ def prepare_run_folder(output_dir: Path, args) -> None:
     existing = [name for name in ("last.pth.tar", SUMMARY) if (output_dir / name).exists()]
     resumes_here = args.resume and Path(args.resume).resolve().parent == output_dir.resolve()
     if existing and not resumes_here:
-        raise SystemExit(f"error: {output_dir} already holds a run ({', '.join(existing)}); continue it with "
-                         f"--resume {output_dir / 'last.pth.tar'}, or pick another --experiment")
+        raise SystemExit(
+            f"error: {output_dir} already holds a run ({', '.join(existing)}); continue it with "
+            f"--resume {output_dir / 'last.pth.tar'}, or pick another --experiment"
+        )
     for pattern in (".*.tmp", ".*.link"):  # what elsa_swin.files writes before renaming into place
         for stale in output_dir.glob(pattern):
             stale.unlink()
 
 
-def write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
+def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(dict.fromkeys(k for row in rows for k in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields)
@@ -293,7 +309,7 @@ def write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-def build_datasets(args) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+def build_datasets(args) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The training and evaluation splits, both labelled through the training split's classes."""
     try:
         train_dir = check_image_folder(args.data_dir, args.train_split)
@@ -327,8 +343,10 @@ def run_training(argv=None):
     class_names = dataset_train.class_names
     num_classes = args.num_classes or len(class_names)
     if num_classes < len(class_names):
-        raise SystemExit(f"error: --num-classes {num_classes}, but {args.data_dir}/{args.train_split} has "
-                         f"{len(class_names)} class folders")
+        raise SystemExit(
+            f"error: --num-classes {num_classes}, but {args.data_dir}/{args.train_split} has "
+            f"{len(class_names)} class folders"
+        )
 
     model_kwargs = dict(num_classes=num_classes, drop_rate=args.drop)
     if args.drop_path is not None:
@@ -358,7 +376,9 @@ def run_training(argv=None):
         start_epoch = resume(model, optimizer, loss_scaler, resume_state, args)
     model_ema = None
     if args.model_ema:
-        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+        model_ema = utils.ModelEmaV3(
+            model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None
+        )
         if resume_state is not None and "state_dict_ema" in resume_state:
             try:
                 load_weights(model_ema.module, resume_state, args.resume, use_ema=True)
@@ -372,21 +392,51 @@ def run_training(argv=None):
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup_fn = Mixup(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
             num_classes=num_classes,
         )
-    common = dict(mean=data_config["mean"], std=data_config["std"], num_workers=args.workers, distributed=args.distributed,
-                  pin_memory=args.pin_mem, device=device, use_prefetcher=False, persistent_workers=args.workers > 0)
+    common = dict(
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=False,
+        persistent_workers=args.workers > 0,
+    )
     loader_train = create_loader(
-        dataset_train, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation="random" if not args.interpolation else args.interpolation, **common,
+        dataset_train,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation="random" if not args.interpolation else args.interpolation,
+        **common,
     )
     loader_eval = create_loader(
-        dataset_eval, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=False,
-        interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"], **common,
+        dataset_eval,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"],
+        **common,
     )
     if mixup_fn is not None:
         train_loss_fn = SoftTargetCrossEntropy()
@@ -397,14 +447,20 @@ def run_training(argv=None):
 
     updates_per_epoch = len(loader_train)
     if updates_per_epoch == 0:
-        raise SystemExit(f"error: -b {args.batch_size} is larger than the {len(dataset_train)} training images "
-                         "shared by the processes: no full batch to train on")
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+        raise SystemExit(
+            f"error: -b {args.batch_size} is larger than the {len(dataset_train)} training images "
+            "shared by the processes: no full batch to train on"
+        )
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch
+    )
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
     if start_epoch >= num_epochs and not args.resume:
-        raise SystemExit(f"error: the run starts at epoch {start_epoch}, but --epochs {args.epochs} "
-                         f"(and the schedule's cool-down) ends at {num_epochs}: nothing to train")
+        raise SystemExit(
+            f"error: the run starts at epoch {start_epoch}, but --epochs {args.epochs} "
+            f"(and the schedule's cool-down) ends at {num_epochs}: nothing to train"
+        )
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -413,12 +469,21 @@ def run_training(argv=None):
 
     saver = output_dir = None
     if utils.is_primary(args):
-        name = args.experiment or "-".join([time.strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(data_config["input_size"][-1])])
+        name = args.experiment or "-".join(
+            [time.strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(data_config["input_size"][-1])]
+        )
         output_dir = Path(utils.get_outdir(args.output or "./output/train", name))
         saver = RunSaver(
-            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=str(output_dir), recovery_dir=str(output_dir), decreasing=args.eval_metric == "loss",
-            max_history=args.checkpoint_hist, class_names=class_names,
+            model=model,
+            optimizer=optimizer,
+            args=args,
+            model_ema=model_ema,
+            amp_scaler=loss_scaler,
+            checkpoint_dir=str(output_dir),
+            recovery_dir=str(output_dir),
+            decreasing=args.eval_metric == "loss",
+            max_history=args.checkpoint_hist,
+            class_names=class_names,
         )
         if resume_state is not None and Path(args.resume).resolve().parent == output_dir.resolve():
             # Finish what a kill may have interrupted after the checkpoint: its copies and summary.csv.
@@ -436,18 +501,38 @@ def run_training(argv=None):
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
             loader_train.sampler.set_epoch(epoch)
-        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler,
-                                        amp_ctx, loss_scaler, model_ema, mixup_fn)
+        train_metrics = train_one_epoch(
+            epoch,
+            model,
+            loader_train,
+            optimizer,
+            train_loss_fn,
+            args,
+            device,
+            lr_scheduler,
+            amp_ctx,
+            loss_scaler,
+            model_ema,
+            mixup_fn,
+        )
         eval_metrics = evaluate(model, loader_eval, args, device, amp_ctx)
         if model_ema is not None:
             ema_metrics = evaluate(model_ema.module, loader_eval, args, device, amp_ctx)
             eval_metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         if saver is not None:
-            _logger.info(f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, val loss {eval_metrics['loss']:.4f}, "
-                         f"top-1 {eval_metrics['top1']:.2f}, top-5 {eval_metrics['top5']:.2f}")
-            saver.summary.append({"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
-                                  **{f"eval_{k}": v for k, v in eval_metrics.items()}, "lr": optimizer.param_groups[0]["lr"]})
+            _logger.info(
+                f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, val loss {eval_metrics['loss']:.4f}, "
+                f"top-1 {eval_metrics['top1']:.2f}, top-5 {eval_metrics['top5']:.2f}"
+            )
+            saver.summary.append(
+                {
+                    "epoch": epoch,
+                    **{f"train_{k}": v for k, v in train_metrics.items()},
+                    **{f"eval_{k}": v for k, v in eval_metrics.items()},
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+            )
             best = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
             write_summary(output_dir / SUMMARY, saver.summary)
             plot_curves(saver.summary, output_dir / "curves.png")

@@ -5,6 +5,7 @@ Loads checkpoints written by train.py and the published ones of the original cod
 
     python cls/validate.py <DATA> --model elsa_swin_tiny --checkpoint <FILE> --no-test-pool --apex-amp --img-size 224 -b 128
 """
+
 import argparse
 import csv
 import io
@@ -12,7 +13,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,9 +22,9 @@ from timm.models import create_model
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
 from elsa_swin.checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from elsa_swin.files import atomic_write_text
 
 from .data import DatasetError, ImageFolderDataset, check_image_folder
-from elsa_swin.files import atomic_write_text
 from .inference import load_weights, predict, resolve_amp
 
 _logger = logging.getLogger("validate")
@@ -45,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--std", type=float, nargs=3, default=None)
     parser.add_argument("-b", "--batch-size", type=int, default=128)
     parser.add_argument("-j", "--workers", type=int, default=4)
-    parser.add_argument("--no-test-pool", action="store_true",
-                        help="accepted for the original's commands: ELSA-Swin has no test-time pooling to disable")
+    parser.add_argument(
+        "--no-test-pool",
+        action="store_true",
+        help="accepted for the original's commands: ELSA-Swin has no test-time pooling to disable",
+    )
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp)")
     parser.add_argument("--apex-amp", action="store_true", help="alias of --amp (NVIDIA apex is not used)")
     parser.add_argument("--native-amp", action="store_true", help="alias of --amp")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_dataset(folder: Path, checkpoint: Optional[dict], num_classes: int, source: str) -> ImageFolderDataset:
+def build_dataset(folder: Path, checkpoint: dict | None, num_classes: int, source: str) -> ImageFolderDataset:
     """The split labelled through the class names train.py stored in the checkpoint; without them (the
     original's ImageNet checkpoints), through the sorted class folders, which must then be as many as
     the model's classes, so that no label can shift."""
@@ -70,8 +73,10 @@ def build_dataset(folder: Path, checkpoint: Optional[dict], num_classes: int, so
     except DatasetError as e:
         raise SystemExit(f"error: {e}") from None
     if len(dataset.class_names) != num_classes:
-        raise SystemExit(f"error: {folder} has {len(dataset.class_names)} class folders but the model has {num_classes} "
-                         f"classes{f' and {source} names none' if source else ''}: the labels would not line up")
+        raise SystemExit(
+            f"error: {folder} has {len(dataset.class_names)} class folders but the model has {num_classes} "
+            f"classes{f' and {source} names none' if source else ''}: the labels would not line up"
+        )
     return dataset
 
 
@@ -110,9 +115,17 @@ def main(argv=None) -> dict:
     data_config = resolve_data_config(vars(args), model=model, verbose=True)
     dataset = build_dataset(folder, checkpoint, model.num_classes, args.checkpoint)
     loader = create_loader(
-        dataset, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=False,
-        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        crop_pct=data_config["crop_pct"], num_workers=args.workers, device=device, use_prefetcher=False,
+        dataset,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+        num_workers=args.workers,
+        device=device,
+        use_prefetcher=False,
     )
     amp_ctx, _ = resolve_amp(args, device)
 
@@ -131,16 +144,27 @@ def main(argv=None) -> dict:
         top5.update(acc5.item(), n)
         if idx % args.log_interval == 0:
             rate = losses.count / (time.time() - start)
-            _logger.info(f"Test: [{idx + 1:>4d}/{len(loader)}] loss {losses.avg:.4f} top-1 {top1.avg:.3f} "
-                         f"top-5 {top5.avg:.3f} {rate:.1f} img/s")
+            _logger.info(
+                f"Test: [{idx + 1:>4d}/{len(loader)}] loss {losses.avg:.4f} top-1 {top1.avg:.3f} "
+                f"top-5 {top5.avg:.3f} {rate:.1f} img/s"
+            )
     elapsed = time.time() - start
     if losses.count == 0:
         raise SystemExit(f"error: no image of {folder} could be read")
-    results = dict(model=args.model, checkpoint=args.checkpoint, top1=round(top1.avg, 4), top5=round(top5.avg, 4),
-                   loss=round(losses.avg, 4), img_per_sec=round(losses.count / elapsed, 2), images=losses.count,
-                   img_size=data_config["input_size"][-1])
-    _logger.info(f" * Acc@1 {results['top1']:.3f} Acc@5 {results['top5']:.3f} loss {results['loss']:.4f} "
-                 f"({results['img_per_sec']:.1f} img/s)")
+    results = dict(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        top1=round(top1.avg, 4),
+        top5=round(top5.avg, 4),
+        loss=round(losses.avg, 4),
+        img_per_sec=round(losses.count / elapsed, 2),
+        images=losses.count,
+        img_size=data_config["input_size"][-1],
+    )
+    _logger.info(
+        f" * Acc@1 {results['top1']:.3f} Acc@5 {results['top5']:.3f} loss {results['loss']:.4f} "
+        f"({results['img_per_sec']:.1f} img/s)"
+    )
     if args.results_file:
         path = Path(args.results_file)
         if path.suffix == ".csv":

@@ -3,11 +3,11 @@ attention of every head (from the stage's last block), with each head's ghost ke
 
     python cls/visualize.py IMAGE --model elsa_swin_tiny --checkpoint elsa_swin_tiny.safetensors -o attention.png
 """
+
 import argparse
 import io
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,16 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def capture_attention(model: torch.nn.Module, x: torch.Tensor) -> List[Tuple[str, ELSAAttention, torch.Tensor]]:
+def capture_attention(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, ELSAAttention, torch.Tensor]]:
     """(name, layer, attention [H, W, heads, K*K]) of the last ELSA layer of each stage, for one image."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, ELSAAttention)]
-    last: Dict[str, Tuple[str, ELSAAttention]] = {}
+    last: dict[str, tuple[str, ELSAAttention]] = {}
     for name, layer in layers:
         last[name.split(".blocks.")[0]] = (name, layer)
     captured = {}
     # The softmaxed attention is what enters attn_drop (an identity in eval mode).
-    hooks = [layer.attn_drop.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o[0].detach()))
-             for name, layer in last.values()]
+    hooks = [
+        layer.attn_drop.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o[0].detach()))
+        for name, layer in last.values()
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -49,7 +51,7 @@ def capture_attention(model: torch.nn.Module, x: torch.Tensor) -> List[Tuple[str
     return [(name, layer, captured[name]) for name, layer in last.values()]
 
 
-def pick_pixels(height: int, width: int, n: int) -> List[Tuple[int, int]]:
+def pick_pixels(height: int, width: int, n: int) -> list[tuple[int, int]]:
     """Up to n distinct pixels spread along the diagonal, away from the border (fewer on small maps)."""
     spread = [(round((k + 1) * (height - 1) / (n + 1)), round((k + 1) * (width - 1) / (n + 1))) for k in range(n)]
     return list(dict.fromkeys(spread))
@@ -68,7 +70,7 @@ def draw(image: np.ndarray, stages, pixels: int) -> bytes:
     for ax in axes.flat:
         ax.axis("off")
     row = 0
-    for s, (name, layer, attn) in enumerate(stages):
+    for s, (_name, layer, attn) in enumerate(stages):
         H, W, G, KK = attn.shape
         K = layer.kernel_size
         for k, (i, j) in enumerate(chosen[s]):
@@ -82,8 +84,9 @@ def draw(image: np.ndarray, stages, pixels: int) -> bytes:
                     axes[row + k, g + 1].set_title(f"head {g + 1}", fontsize=7)
         # Ghost kernels, averaged over each head's channels.
         ghost_row = row + len(chosen[s])
-        axes[ghost_row, 0].text(0.5, 0.5, f"stage {s + 1}\nghost kernels\n(mean per head)", ha="center", va="center",
-                                fontsize=7)
+        axes[ghost_row, 0].text(
+            0.5, 0.5, f"stage {s + 1}\nghost kernels\n(mean per head)", ha="center", va="center", fontsize=7
+        )
         for kernel_name in ("ghost_add", "ghost_mul"):
             kernel = getattr(layer, kernel_name)
             if kernel is None:
@@ -101,7 +104,7 @@ def draw(image: np.ndarray, stages, pixels: int) -> bytes:
     return buffer.getvalue()
 
 
-def visualize(model, image_path: Path, output: Path, pixels: int = 3, img_size: Optional[int] = None) -> None:
+def visualize(model, image_path: Path, output: Path, pixels: int = 3, img_size: int | None = None) -> None:
     try:
         image = load_image(image_path)
     except ImageReadError as e:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Evaluate a detector: python tools/test.py CONFIG CHECKPOINT --eval bbox segm"""
+
 from elsa_mm.tools import check_metrics, load_config, test, test_parser
 
 METRICS = ("bbox", "segm", "proposal")

@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Evaluate a segmentor: python tools/test.py CONFIG CHECKPOINT [--aug-test] --eval mIoU"""
+
 from elsa_mm.tools import check_metrics, load_config, test, test_parser
 
 METRICS = ("mIoU", "mDice", "mFscore")
 
 
 def add_aug_test(parser):
-    parser.add_argument("--aug-test", action="store_true",
-                        help="multi-scale (0.5-1.75) + flip test-time augmentation, the config's tta_pipeline")
+    parser.add_argument(
+        "--aug-test",
+        action="store_true",
+        help="multi-scale (0.5-1.75) + flip test-time augmentation, the config's tta_pipeline",
+    )
 
 
 if __name__ == "__main__":
-    args = test_parser(f"metrics to compute, any of {', '.join(METRICS)} (default: the config's)", add_aug_test).parse_args()
+    args = test_parser(
+        f"metrics to compute, any of {', '.join(METRICS)} (default: the config's)", add_aug_test
+    ).parse_args()
     cfg = load_config(args)
     if args.eval:
         cfg.test_evaluator.iou_metrics = check_metrics(args.eval, METRICS)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Train a segmentor: python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]]
 [--cfg-options model.pretrained=<classification checkpoint> model.backbone.use_checkpoint=True]"""
+
 from elsa_mm.tools import load_config, train, train_parser
 
 if __name__ == "__main__":

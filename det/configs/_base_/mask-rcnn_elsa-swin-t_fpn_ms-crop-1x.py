@@ -1,5 +1,5 @@
 # Mask R-CNN (mmdet's) with the ELSA-Swin-T backbone and recipe, 1x schedule.
-_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './elsa_swin_recipe.py']
+_base_ = ["mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", "./elsa_swin_recipe.py"]
 model = dict(backbone={{_base_.elsa_backbone}}, neck=dict(in_channels={{_base_.elsa_neck_channels}}))
 train_dataloader = dict(dataset=dict(pipeline={{_base_.elsa_train_pipeline}}))
 optim_wrapper = {{_base_.elsa_optim_wrapper}}

@@ -1,5 +1,5 @@
 # Mask R-CNN with ELSA-Swin-T, 3x schedule, COCO (the published model: 49M parameters).
-_base_ = '../_base_/mask-rcnn_elsa-swin-t_fpn_ms-crop-1x.py'
+_base_ = "../_base_/mask-rcnn_elsa-swin-t_fpn_ms-crop-1x.py"
 model = dict(backbone=dict(drop_path_rate=0.2))
 train_cfg = dict(max_epochs=36)
 param_scheduler = {{_base_.elsa_schedule_3x}}
