@@ -148,8 +148,8 @@ py::tuple backward_attn_ghost(const at::Tensor& grad_out, const at::Tensor& feat
                               int64_t groups, int64_t K, int64_t dilation, int64_t stride, bool need_attn,
                               bool need_mul, bool need_add, bool mul_batched, bool add_batched, int64_t only_batch) {
   EmulationRunner run{only_batch};
-  auto [gh, gm, ga] = backward_attn_ghost_impl(run, grad_out, features, h_attn, ghost_mul, groups, K, dilation,
-                                               stride, need_attn, need_mul, need_add, mul_batched, add_batched);
+  auto [gh, gm, ga] = backward_attn_ghost_impl(run, grad_out, features, h_attn, ghost_mul, groups, K, dilation, stride,
+                                               need_attn, need_mul, need_add, mul_batched, add_batched);
   return py::make_tuple(gh, gm, ga, run.ran);
 }
 

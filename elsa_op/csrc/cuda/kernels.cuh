@@ -1,6 +1,6 @@
 // Bodies of the CUDA kernels of the ELSA operator, written once for two compilers.
 //
-// nvcc compiles them into the kernels of elsa_kernel.cu; a host C++ compiler compiles the very same
+// nvcc compiles them into the kernels of register.cu; a host C++ compiler compiles the very same
 // functions into the emulation that tests/test_cuda_emulation.py runs on CPU over the full launch grid,
 // so that CI, which has no GPU, still checks the kernels' index arithmetic. Everything here therefore
 // sticks to what both compilers accept: no intrinsics, no warp shuffles, and every block-wide step goes
@@ -112,8 +112,7 @@ constexpr int tap_row_unroll() {
 
 // One tap of the forward or grad-features gather: acc += v * (m[t] * w + a[t]) over the thread's V channels.
 template <typename T, int V>
-ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], const T* v, acc_of<T> w, const acc_of<T>* m, const acc_of<T>* a,
-                          int t) {
+ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], const T* v, acc_of<T> w, const acc_of<T>* m, const acc_of<T>* a, int t) {
   using acc_t = acc_of<T>;
   acc_t vv[V], mv[V], av[V];
   load_vec<T, V>(v, vv);
@@ -184,8 +183,7 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
       ELSA_UNROLL_ROW
-      for (int q = 0; q < K; ++q)
-        weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(hrow[q]), mrow, arow, q);
+      for (int q = 0; q < K; ++q) weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(hrow[q]), mrow, arow, q);
       xrow += dy;
       hrow += K;
       if (mrow) mrow += K * V;
@@ -321,8 +319,8 @@ struct AttnGhostArgs {
   const acc_of<T>* m;  // weights the attention gradient; null: 1
   int64_t m_b;
   // Outputs; null when not asked for.
-  T* gh;              // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
-  acc_of<T>* gh_part; // [channel chunks, B, Ho, Wo, G, K*K], when they are several
+  T* gh;                // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
+  acc_of<T>* gh_part;   // [channel chunks, B, Ho, Wo, G, K*K], when they are several
   acc_of<T>* part_mul;  // [B * tiles, K*K, C] ghost partial sums
   acc_of<T>* part_add;
   // Work split.

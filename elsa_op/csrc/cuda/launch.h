@@ -1,5 +1,5 @@
 // Host side of the CUDA operator: argument checks, layouts at the boundary, the work split, and the
-// choice of kernel instantiation. Written over a `Runner` that launches the kernels (elsa_kernel.cu) or
+// choice of kernel instantiation. Written over a `Runner` that launches the kernels (register.cu) or
 // runs their bodies on CPU (the emulation in tests/), so both go through exactly this code.
 //
 // Runner interface (T, KT, V as in kernels.cuh):
@@ -45,14 +45,22 @@ void dispatch(at::ScalarType type, int64_t K, bool full_vectors, F&& f) {
   auto by_k = [&]<typename T, int V>() {
     if constexpr (V > 1 && !std::is_same_v<T, double>) {
       switch (K) {
-        case 1: return f.template operator()<T, 1, V>();
-        case 3: return f.template operator()<T, 3, V>();
-        case 5: return f.template operator()<T, 5, V>();
-        case 7: return f.template operator()<T, 7, V>();
-        case 9: return f.template operator()<T, 9, V>();
-        case 11: return f.template operator()<T, 11, V>();
-        case 13: return f.template operator()<T, 13, V>();
-        default: return f.template operator()<T, 0, V>();
+        case 1:
+          return f.template operator()<T, 1, V>();
+        case 3:
+          return f.template operator()<T, 3, V>();
+        case 5:
+          return f.template operator()<T, 5, V>();
+        case 7:
+          return f.template operator()<T, 7, V>();
+        case 9:
+          return f.template operator()<T, 9, V>();
+        case 11:
+          return f.template operator()<T, 11, V>();
+        case 13:
+          return f.template operator()<T, 13, V>();
+        default:
+          return f.template operator()<T, 0, V>();
       }
     } else {
       return f.template operator()<T, 0, V>();
@@ -64,16 +72,23 @@ void dispatch(at::ScalarType type, int64_t K, bool full_vectors, F&& f) {
     return by_k.template operator()<T, 1>();
   };
   switch (type) {
-    case at::kFloat: return by_v.template operator()<float>();
-    case at::kDouble: return by_v.template operator()<double>();
-    case at::kHalf: return by_v.template operator()<c10::Half>();
-    case at::kBFloat16: return by_v.template operator()<c10::BFloat16>();
-    default: TORCH_CHECK(false, "elsa: unsupported dtype ", type);
+    case at::kFloat:
+      return by_v.template operator()<float>();
+    case at::kDouble:
+      return by_v.template operator()<double>();
+    case at::kHalf:
+      return by_v.template operator()<c10::Half>();
+    case at::kBFloat16:
+      return by_v.template operator()<c10::BFloat16>();
+    default:
+      TORCH_CHECK(false, "elsa: unsupported dtype ", type);
   }
 }
 
 // Elements per 16-byte vector.
-inline int full_vector(at::ScalarType type) { return 16 / static_cast<int>(c10::elementSize(type)); }
+inline int full_vector(at::ScalarType type) {
+  return 16 / static_cast<int>(c10::elementSize(type));
+}
 
 // Channels-last view of features or gradients: kept when channels are unit-stride, else copied once.
 inline at::Tensor as_channels_last(const at::Tensor& t) {
@@ -85,7 +100,9 @@ inline at::Tensor attn_taps_last(const at::Tensor& h) {
   return h.size(2) == 1 || h.stride(2) == 1 ? h : h.permute({0, 3, 4, 1, 2}).contiguous().permute({0, 3, 4, 1, 2});
 }
 
-inline Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3)}; }
+inline Strides strides_of(const at::Tensor& t) {
+  return Strides{t.stride(0), t.stride(2), t.stride(3)};
+}
 inline AttnStrides attn_strides_of(const at::Tensor& h) {
   return AttnStrides{h.stride(0), h.stride(3), h.stride(4), h.stride(1)};
 }
@@ -114,14 +131,26 @@ inline void check_int32(const ElsaGeometry& g) {
   TORCH_CHECK(std::max(g.H, g.W) + g.radius() * g.dilation + g.stride < lim && g.C < lim &&
                   g.B * std::max(g.H, g.Ho) < lim && std::max(g.W, g.Wo) * g.C < lim,
               "elsa (CUDA): this geometry (", g.H, "x", g.W, " image, ", g.C, " channels, batch ", g.B,
-              ", kernel_size ", g.K, ", dilation ", g.dilation, ") needs coordinates beyond 32 bits; "
+              ", kernel_size ", g.K, ", dilation ", g.dilation,
+              ") needs coordinates beyond 32 bits; "
               "use a smaller dilation or image, or the CPU operator");
 }
 
 template <int V>
 Geo make_geo(const ElsaGeometry& g) {
-  return Geo{int(g.B), int(g.C), int(g.H), int(g.W), int(g.G), int(g.K), int(g.dilation), int(g.stride),
-             int(g.Ho), int(g.Wo), int(g.C / g.G), int(g.C / V), int(g.dilation / g.stride),
+  return Geo{int(g.B),
+             int(g.C),
+             int(g.H),
+             int(g.W),
+             int(g.G),
+             int(g.K),
+             int(g.dilation),
+             int(g.stride),
+             int(g.Ho),
+             int(g.Wo),
+             int(g.C / g.G),
+             int(g.C / V),
+             int(g.dilation / g.stride),
              int(g.dilation % g.stride)};
 }
 
@@ -148,9 +177,10 @@ at::Tensor gather_impl(Runner& run, const ElsaGeometry& g, const at::Tensor& val
     dispatch(src.scalar_type(), g.K, vectors_fit(g, {&src, &dst}), [&]<typename T, int KT, int V>() {
       using A = acc_of<T>;
       const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
-      const GatherArgs<T> args{make_geo<V>(g), src.const_data_ptr<T>(), strides_of(src), h.const_data_ptr<T>(),
-                               attn_strides_of(h), ptr_or_null<A>(m), table_batch_stride(m, g), ptr_or_null<A>(a),
-                               table_batch_stride(a, g), dst.mutable_data_ptr<T>(), strides_of(dst)};
+      const GatherArgs<T> args{
+          make_geo<V>(g),           src.const_data_ptr<T>(),   strides_of(src),          h.const_data_ptr<T>(),
+          attn_strides_of(h),       ptr_or_null<A>(m),         table_batch_stride(m, g), ptr_or_null<A>(a),
+          table_batch_stride(a, g), dst.mutable_data_ptr<T>(), strides_of(dst)};
       run.template gather<T, KT, V, kGradFeatures>(args, int(g.B * rows));
     });
   }
@@ -228,7 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   auto part_opts = x.options().dtype(acc);
   const auto part_mul = need_mul ? at::empty({tiles, g.kk(), g.C}, part_opts) : at::Tensor();
   const auto part_add = need_add ? at::empty({tiles, g.kk(), g.C}, part_opts) : at::Tensor();
-  const auto gh_part = need_attn && plan.c_chunks > 1 ? at::empty({plan.c_chunks, gh.numel()}, part_opts) : at::Tensor();
+  const auto gh_part =
+      need_attn && plan.c_chunks > 1 ? at::empty({plan.c_chunks, gh.numel()}, part_opts) : at::Tensor();
   dispatch(x.scalar_type(), g.K, V > 1, [&]<typename T, int KT, int VV>() {
     using A = acc_of<T>;
     const auto m = need_attn ? ghost_table(ghost_mul, g, acc, VV) : at::Tensor();
@@ -255,15 +286,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
     args.c_chunks = plan.c_chunks;
     if (tiles > 0) run.template attn_ghost<T, KT, VV>(args, int(tiles));
     if (gh_part.defined() && gh.numel() > 0)
-      run.template chunk_sum<T>(ChunkSumArgs<T>{gh_part.const_data_ptr<A>(), gh.mutable_data_ptr<T>(), gh.numel(),
-                                                plan.c_chunks});
-    for (auto [need, batched, part, out] : {std::tuple{need_mul, mul_batched, &part_mul, &gm},
-                                            std::tuple{need_add, add_batched, &part_add, &ga}}) {
+      run.template chunk_sum<T>(
+          ChunkSumArgs<T>{gh_part.const_data_ptr<A>(), gh.mutable_data_ptr<T>(), gh.numel(), plan.c_chunks});
+    for (auto [need, batched, part, out] :
+         {std::tuple{need_mul, mul_batched, &part_mul, &gm}, std::tuple{need_add, add_batched, &part_add, &ga}}) {
       if (!need) continue;
       const int64_t units = batched ? g.B : 1;
       // (An empty batch has no tiles: a broadcast kernel's gradient is then a sum of nothing, 0.)
       const GhostReduceArgs<A> r{tiles > 0 ? part->template const_data_ptr<A>() : nullptr,
-                                 out->template mutable_data_ptr<A>(), units, batched ? plan.tiles : tiles, g.kk(), g.C};
+                                 out->template mutable_data_ptr<A>(),
+                                 units,
+                                 batched ? plan.tiles : tiles,
+                                 g.kk(),
+                                 g.C};
       if (out->numel() > 0) run.template ghost_reduce<A>(r, out->numel());
     }
   });

@@ -1,6 +1,6 @@
-// Vector code of the channels-last kernels (see nhwc_kernels.h for what each computes).
+// Vector code of the channels-last kernels (see kernels.h for what each computes).
 //
-// Included by nhwc_kernels_<isa>.cpp inside namespace elsa_op::nhwc::isa_<isa>, after the instruction
+// Included by kernels_<isa>.cpp inside namespace elsa_op::nhwc::isa_<isa>, after the instruction
 // set is chosen and with ELSA_VECTOR_BYTES defined. It uses no library templates: an instantiation
 // compiled for AVX2 must never be merged by the linker with one that a baseline CPU runs.
 //
@@ -114,8 +114,8 @@ inline void weighted_block(T* const* dst, const T* const* v, const T* const* att
 
 // NP pixels of forward or grad-features that share one tap list: every group's channels.
 template <typename T, int NP, bool kMul, bool kAdd>
-inline void weighted_pixels(const Shape& s, T* const* dst, const T* const* v, const T* const* attn,
-                            const TapList& taps, const T* mul, const T* add) {
+inline void weighted_pixels(const Shape& s, T* const* dst, const T* const* v, const T* const* attn, const TapList& taps,
+                            const T* mul, const T* add) {
   using V = typename Vec<T>::type;
   constexpr int64_t N = Vec<T>::lanes;
   const int64_t cpg = s.channels_per_group();
@@ -249,8 +249,8 @@ inline T channel_dot(const T* __restrict__ a, const T* __restrict__ b, const T* 
 }
 
 template <typename T, bool kMul>
-void grad_attn_rows_impl(const Shape& s, const T* go, const T* x, const T* mul_all, int64_t mul_b, T* gh,
-                         int64_t row0, int64_t row1) {
+void grad_attn_rows_impl(const Shape& s, const T* go, const T* x, const T* mul_all, int64_t mul_b, T* gh, int64_t row0,
+                         int64_t row1) {
   const int64_t kk = s.kk(), cpg = s.channels_per_group(), reach = (s.K / 2) * s.dilation;
   TapList full(kk), part(kk);
   window_taps(s, reach, reach, false, full);
@@ -270,8 +270,8 @@ void grad_attn_rows_impl(const Shape& s, const T* go, const T* x, const T* mul_a
       for (int64_t g = 0; g < s.G; ++g)
         for (int64_t k = 0; k < taps.n; ++k) {
           const int64_t t = taps.tap[k];
-          dst[g * kk + t] = channel_dot<T, kMul>(g_out, x_centre + taps.src[k], kMul ? mul + t * s.C : nullptr,
-                                                 g * cpg, (g + 1) * cpg);
+          dst[g * kk + t] = channel_dot<T, kMul>(g_out, x_centre + taps.src[k], kMul ? mul + t * s.C : nullptr, g * cpg,
+                                                 (g + 1) * cpg);
         }
     }
   }
@@ -281,8 +281,7 @@ void grad_attn_rows_impl(const Shape& s, const T* go, const T* x, const T* mul_a
 // the sums stay in registers while the rows are swept.
 template <typename T, typename L, int NV, bool kMul, bool kAdd>
 inline void ghost_block(const Shape& s, const T* go, const T* x, const T* h, T* gm, T* ga, int64_t b, int64_t t,
-                        int64_t g, int64_t c, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t dy,
-                        int64_t dx) {
+                        int64_t g, int64_t c, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t dy, int64_t dx) {
   constexpr int64_t N = sizeof(L) / sizeof(T);
   L am[NV], aa[NV];
   for (int u = 0; u < NV; ++u) am[u] = aa[u] = L{};

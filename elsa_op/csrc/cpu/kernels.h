@@ -1,15 +1,23 @@
 // Channels-last (NHWC) CPU kernels of the ELSA operator: the types they share and their tables.
 //
-// The kernels are written once (nhwc_kernels_impl.h) over a vector width and compiled once per
-// instruction set (nhwc_kernels_*.cpp); `nhwc_kernels<T>()` picks the widest one the CPU runs. This
+// The kernels are written once (kernels_impl.h) over a vector width and compiled once per
+// instruction set (kernels_*.cpp); `nhwc_kernels<T>()` picks the widest one the CPU runs. This
 // header is plain C++ so that nothing here is compiled with another instruction set than the caller's.
 #pragma once
 
 #include <cstdint>
 
-#include "window.h"
-
 namespace elsa_op::nhwc {
+
+// Output positions j in [0, out_size) whose input position j * stride + offset lies inside [0, size),
+// as [j0, j1).
+inline void valid_columns(int64_t offset, int64_t stride, int64_t size, int64_t out_size, int64_t& j0, int64_t& j1) {
+  j0 = offset < 0 ? (-offset + stride - 1) / stride : 0;
+  const int64_t last = size - 1 - offset;
+  j1 = last < 0 ? 0 : last / stride + 1;
+  if (j1 > out_size) j1 = out_size;
+  if (j1 < j0) j1 = j0;
+}
 
 // One ELSA call on channels-last data. Channels are unit-stride in every tensor; the other strides are
 // in elements: `in_*` for the input-resolution tensor (features, or their gradient), `out_*` for the
@@ -41,8 +49,8 @@ struct Kernels {
                         int64_t row1);
   // grad_h[b, i, j, g, t] = sum_{c in g} grad_out[b, i, j, c] * mul[t, c] * x[b, i*s + dy_t, j*s + dx_t, c],
   // written to a contiguous [B, Ho, Wo, G, K*K] tensor; taps outside the image get 0.
-  void (*grad_attn)(const Shape&, const T* grad_out, const T* x, const T* mul, int64_t mul_b, T* grad_h,
-                    int64_t row0, int64_t row1);
+  void (*grad_attn)(const Shape&, const T* grad_out, const T* x, const T* mul, int64_t mul_b, T* grad_h, int64_t row0,
+                    int64_t row1);
   // Adds the ghost gradients of output rows [row0, row1) of batch element b to grad_mul and grad_add
   // ([K*K, C] each; either may be null).
   void (*grad_ghost)(const Shape&, const T* grad_out, const T* x, const T* h, T* grad_mul, T* grad_add, int64_t b,

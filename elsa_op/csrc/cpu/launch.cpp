@@ -1,16 +1,16 @@
-// The ELSA operator on channels-last CPU tensors: layouts, dtypes and threads around nhwc_kernels.
+// The ELSA operator on channels-last CPU tensors: layouts, dtypes and threads around the kernels of kernels.h.
 //
 // A channels-last model hands over its values as channel slices of the q/k/v projection and its attention
 // as [B, Ho, Wo, G, K*K] memory straight from the softmax; both are read in place. Half and bfloat16 are
 // computed in float.
-#include "nhwc_ops.h"
+#include "launch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
-#include "nhwc_kernels.h"
+#include "kernels.h"
 
 namespace elsa_op {
 namespace {
@@ -34,9 +34,8 @@ at::Tensor ghost_table(const std::optional<at::Tensor>& t, const ElsaGeometry& g
 }
 
 nhwc::Shape make_shape(const ElsaGeometry& g, const at::Tensor& in, const at::Tensor& out) {
-  return nhwc::Shape{g.B,          g.C,          g.H,          g.W,          g.G,          g.K,
-                     g.dilation,   g.stride,     g.Ho,         g.Wo,         in.stride(0), in.stride(2),
-                     in.stride(3), out.stride(0), out.stride(2), out.stride(3)};
+  return nhwc::Shape{g.B,  g.C,  g.H,          g.W,          g.G,          g.K,           g.dilation,    g.stride,
+                     g.Ho, g.Wo, in.stride(0), in.stride(2), in.stride(3), out.stride(0), out.stride(2), out.stride(3)};
 }
 
 template <typename T>
@@ -47,7 +46,9 @@ nhwc::Ghost<T> ghost_of(const at::Tensor& m, const at::Tensor& a, const ElsaGeom
 }
 
 // About 32k multiply-adds per task.
-int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row)); }
+int64_t grain_for(int64_t work_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
+}
 
 }  // namespace
 
@@ -69,8 +70,8 @@ at::Tensor weighted_nhwc(const ElsaGeometry& g, const at::Tensor& values, const 
     const auto kernel = grad_x ? kernels.grad_features : kernels.forward;
     const auto ghost = ghost_of<scalar_t>(m, a, g);
     at::parallel_for(0, g.B * rows, grain_for(cols * g.C * g.kk()), [&](int64_t begin, int64_t end) {
-      kernel(s, v.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost,
-             result.mutable_data_ptr<scalar_t>(), begin, end);
+      kernel(s, v.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost, result.mutable_data_ptr<scalar_t>(),
+             begin, end);
     });
   });
   return result.to(values.scalar_type());

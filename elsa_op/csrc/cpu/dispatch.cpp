@@ -2,7 +2,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "nhwc_kernels.h"
+#include "kernels.h"
 
 namespace elsa_op::nhwc {
 namespace {
@@ -23,7 +23,9 @@ bool use_avx2() {
 
 }  // namespace
 
-const char* cpu_capability() { return use_avx2() ? "avx2" : "default"; }
+const char* cpu_capability() {
+  return use_avx2() ? "avx2" : "default";
+}
 
 template <>
 const Kernels<float>& nhwc_kernels<float>() {

@@ -1,10 +1,10 @@
 // The channels-last kernels for the x86-64 baseline (SSE2; NEON on Arm): 16-byte vectors.
-#include "nhwc_kernels.h"
+#include "kernels.h"
 
 namespace elsa_op::nhwc::isa_default {
 
 #define ELSA_VECTOR_BYTES 16
-#include "nhwc_kernels_impl.h"
+#include "kernels_impl.h"
 
 const Kernels<float> kernels_float = make_kernels<float>();
 const Kernels<double> kernels_double = make_kernels<double>();

@@ -1,4 +1,4 @@
-// CPU entry points of the ELSA operator: one kernel family, the channels-last one (nhwc_*).
+// CPU entry points of the ELSA operator: one kernel family, the channels-last one.
 //
 // NCHW inputs are converted to channels-last once here and the results converted back, so that the
 // output layout follows the features, as for convolutions (see is_channels_last); channels-last callers
@@ -10,22 +10,21 @@
 #include <tuple>
 
 #include "../elsa_common.h"
-#include "nhwc_ops.h"
+#include "launch.h"
 
 namespace elsa_op {
 namespace {
 
-at::Tensor forward_cpu(const at::Tensor& features, const at::Tensor& h_attn,
-                       const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
-                       int64_t kernel_size, int64_t dilation, int64_t stride) {
+at::Tensor forward_cpu(const at::Tensor& features, const at::Tensor& h_attn, const std::optional<at::Tensor>& ghost_mul,
+                       const std::optional<at::Tensor>& ghost_add, int64_t kernel_size, int64_t dilation,
+                       int64_t stride) {
   const auto g = check_forward_args(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride);
   return to_caller_layout(forward_nhwc(g, features, h_attn, ghost_mul, ghost_add), is_channels_last(features));
 }
 
 at::Tensor backward_features_cpu(const at::Tensor& grad_out, const at::Tensor& h_attn,
-                                 const std::optional<at::Tensor>& ghost_mul,
-                                 const std::optional<at::Tensor>& ghost_add, int64_t height, int64_t width,
-                                 int64_t kernel_size, int64_t dilation, int64_t stride) {
+                                 const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
+                                 int64_t height, int64_t width, int64_t kernel_size, int64_t dilation, int64_t stride) {
   const auto g = check_backward_features_args(grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size,
                                               dilation, stride);
   return to_caller_layout(backward_features_nhwc(g, grad_out, h_attn, ghost_mul, ghost_add),
@@ -38,9 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_cpu(
     bool need_attn, bool need_mul, bool need_add, bool mul_batched, bool add_batched) {
   const auto g = check_backward_attn_ghost_args(grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation,
                                                 stride, need_mul);
-  const auto gh = need_attn ? to_caller_layout(backward_attn_nhwc(g, grad_out, features, ghost_mul),
-                                               is_channels_last(features))
-                            : at::empty({0}, features.options());
+  const auto gh =
+      need_attn ? to_caller_layout(backward_attn_nhwc(g, grad_out, features, ghost_mul), is_channels_last(features))
+                : at::empty({0}, features.options());
   at::Tensor gm, ga;
   if (need_mul && need_add && mul_batched == add_batched) {
     std::tie(gm, ga) = backward_ghost_nhwc(g, grad_out, features, h_attn, mul_batched, true, true);

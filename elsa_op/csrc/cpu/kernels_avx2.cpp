@@ -1,6 +1,6 @@
 // The channels-last kernels for CPUs with AVX2 and FMA: 32-byte vectors. Everything this file defines is
-// compiled for AVX2 and called only after nhwc_kernels<T>() has checked the CPU (see nhwc_dispatch.cpp).
-#include "nhwc_kernels.h"
+// compiled for AVX2 and called only after nhwc_kernels<T>() has checked the CPU (see dispatch.cpp).
+#include "kernels.h"
 
 #if defined(ELSA_HAVE_AVX2_KERNELS)
 
@@ -14,7 +14,7 @@
 namespace elsa_op::nhwc::isa_avx2 {
 
 #define ELSA_VECTOR_BYTES 32
-#include "nhwc_kernels_impl.h"
+#include "kernels_impl.h"
 
 const Kernels<float> kernels_float = make_kernels<float>();
 const Kernels<double> kernels_double = make_kernels<double>();
