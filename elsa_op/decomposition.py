@@ -7,7 +7,6 @@ exports of our models work once ``elsa_op`` is imported. The decomposition gathe
 output pixel from the zero-padded features with one index, weights them and sums: pad, gather, mul, add,
 reduce-sum.
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +18,8 @@ from torch._decomp import register_decomposition
 def elsa_forward_decomposition(
     features: Tensor,
     h_attn: Tensor,
-    ghost_mul: Optional[Tensor],
-    ghost_add: Optional[Tensor],
+    ghost_mul: Tensor | None,
+    ghost_add: Tensor | None,
     kernel_size: int,
     dilation: int,
     stride: int,

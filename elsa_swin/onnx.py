@@ -4,8 +4,9 @@ against PyTorch on the same input (``tools/export_onnx.py``).
     python tools/export_onnx.py --model elsa_swin_tiny --checkpoint elsa_swin_tiny.safetensors -o elsa_swin_tiny.onnx
 
 It is plain ``torch.onnx.export(model, x, path, dynamo=True)``: importing ``elsa_op`` registers how the
-ELSA operator is written in standard ONNX operators (:mod:`elsa_op.export`).
+ELSA operator is written in standard ONNX operators (:mod:`elsa_op.decomposition`).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -20,8 +21,15 @@ from .classifier import checkpoint_filter_fn
 def export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
     """Write ``model`` (in eval mode) as ONNX, its input's batch axis dynamic."""
     batch = torch.export.Dim("batch", min=1)  # traced at batch 2: a batch of 1 would be specialised
-    program = torch.onnx.export(model.eval(), (x,), dynamo=True, dynamic_shapes=({0: batch},),
-                                input_names=["image"], output_names=["output"], verbose=False)
+    program = torch.onnx.export(
+        model.eval(),
+        (x,),
+        dynamo=True,
+        dynamic_shapes=({0: batch},),
+        input_names=["image"],
+        output_names=["output"],
+        verbose=False,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
 
@@ -40,12 +48,18 @@ def check(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="elsa_swin_tiny", help="timm model name")
-    parser.add_argument("--checkpoint", default="", help="weights (ours, the original's, .safetensors); default: random")
+    parser.add_argument(
+        "--checkpoint", default="", help="weights (ours, the original's, .safetensors); default: random"
+    )
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint, else 1000")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
-    parser.add_argument("--check-batch", type=int, default=3,
-                        help="batch of the onnxruntime check (the export traces batch 2; the axis is dynamic)")
+    parser.add_argument(
+        "--check-batch",
+        type=int,
+        default=3,
+        help="batch of the onnxruntime check (the export traces batch 2; the axis is dynamic)",
+    )
     parser.add_argument("--atol", type=float, default=1e-4, help="largest difference the check accepts")
     args = parser.parse_args(argv)
     state = None
@@ -67,8 +81,11 @@ def main(argv=None) -> int:
     if state is not None:
         missing, unexpected = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
         if missing or unexpected:
-            print(f"error: {args.checkpoint} does not fit {args.model}: missing {missing[:5]}, unexpected "
-                  f"{unexpected[:5]}", file=sys.stderr)
+            print(
+                f"error: {args.checkpoint} does not fit {args.model}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}",
+                file=sys.stderr,
+            )
             return 1
     torch.manual_seed(0)
     export(model, torch.randn(2, 3, args.img_size, args.img_size), args.output)
