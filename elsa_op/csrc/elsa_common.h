@@ -5,24 +5,17 @@
 
 #include <optional>
 
+#include "geometry.h"
+
 namespace elsa_op {
-
-// Geometry of one ELSA call.
-struct ElsaGeometry {
-  int64_t B, C, H, W, G, K, dilation, stride, Ho, Wo;
-
-  int64_t radius() const { return K / 2; }
-  int64_t kk() const { return K * K; }
-  int64_t channels_per_group() const { return C / G; }
-};
 
 // Bounds that keep every size and offset computation inside int64 (the window reaches K / 2 * dilation
 // past the image, and output positions times the stride stay below the image size plus the stride).
 constexpr int64_t kMaxKernelSize = int64_t(1) << 15;
 constexpr int64_t kMaxDilationOrStride = (int64_t(1) << 31) - 1;
 
-inline ElsaGeometry make_geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t G, int64_t K, int64_t dilation,
-                                  int64_t stride) {
+inline Geometry<int64_t> make_geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t G, int64_t K,
+                                       int64_t dilation, int64_t stride) {
   TORCH_CHECK(K > 0 && K % 2 == 1 && K <= kMaxKernelSize, "elsa: kernel_size must be a positive odd integer up to ",
               kMaxKernelSize, ", got ", K);
   TORCH_CHECK(dilation > 0 && dilation <= kMaxDilationOrStride, "elsa: dilation must lie in [1, ", kMaxDilationOrStride,
@@ -32,7 +25,7 @@ inline ElsaGeometry make_geometry(int64_t B, int64_t C, int64_t H, int64_t W, in
   TORCH_CHECK(G > 0 && C % G == 0, "elsa: channels (", C, ") must be divisible by groups (", G, ")");
   // An empty batch is allowed (empty results, as for convolutions); empty images are not.
   TORCH_CHECK(B >= 0 && C > 0 && H > 0 && W > 0, "elsa: empty input of shape [", B, ", ", C, ", ", H, ", ", W, "]");
-  return ElsaGeometry{B, C, H, W, G, K, dilation, stride, (H - 1) / stride + 1, (W - 1) / stride + 1};
+  return Geometry<int64_t>{B, C, H, W, G, K, dilation, stride, (H - 1) / stride + 1, (W - 1) / stride + 1};
 }
 
 // Every tensor of a call on the device and in the dtype of the first one (a CPU tensor handed to a CUDA
@@ -45,10 +38,10 @@ inline void check_same(const at::Tensor& ref, const at::Tensor& t, const char* n
               " has ", ref.scalar_type());
 }
 
-inline void check_attn(const at::Tensor& h, const ElsaGeometry& g) {
-  TORCH_CHECK(h.dim() == 5 && h.size(0) == g.B && h.size(1) == g.G && h.size(2) == g.kk() && h.size(3) == g.Ho &&
+inline void check_attn(const at::Tensor& h, const Geometry<int64_t>& g) {
+  TORCH_CHECK(h.dim() == 5 && h.size(0) == g.B && h.size(1) == g.G && h.size(2) == g.taps() && h.size(3) == g.Ho &&
                   h.size(4) == g.Wo,
-              "elsa: h_attn must have shape [", g.B, ", ", g.G, ", ", g.kk(), ", ", g.Ho, ", ", g.Wo, "], got ",
+              "elsa: h_attn must have shape [", g.B, ", ", g.G, ", ", g.taps(), ", ", g.Ho, ", ", g.Wo, "], got ",
               h.sizes());
 }
 
@@ -59,7 +52,7 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
 
 // A ghost kernel is on the device of `ref` and in its dtype, or float32 beside half or bfloat16 features:
 // under mixed precision the C*K*K ghost values (and their gradients) stay float32.
-inline void check_ghost(const at::Tensor& ref, const at::Tensor& t, const ElsaGeometry& g, const char* name,
+inline void check_ghost(const at::Tensor& ref, const at::Tensor& t, const Geometry<int64_t>& g, const char* name,
                         const char* ref_name = "features") {
   TORCH_CHECK(t.device() == ref.device(), "elsa: ", name, " is on ", t.device(), " but ", ref_name, " on ",
               ref.device());
@@ -73,10 +66,10 @@ inline void check_ghost(const at::Tensor& ref, const at::Tensor& t, const ElsaGe
               ", ", g.K, "], got ", t.sizes());
 }
 
-inline ElsaGeometry check_forward_args(const at::Tensor& features, const at::Tensor& h_attn,
-                                       const std::optional<at::Tensor>& ghost_mul,
-                                       const std::optional<at::Tensor>& ghost_add, int64_t K, int64_t dilation,
-                                       int64_t stride) {
+inline Geometry<int64_t> check_forward_args(const at::Tensor& features, const at::Tensor& h_attn,
+                                            const std::optional<at::Tensor>& ghost_mul,
+                                            const std::optional<at::Tensor>& ghost_add, int64_t K, int64_t dilation,
+                                            int64_t stride) {
   TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
   TORCH_CHECK(h_attn.dim() == 5, "elsa: h_attn must be [B, G, K*K, Ho, Wo], got ", h_attn.sizes());
   const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), h_attn.size(1),
@@ -88,17 +81,17 @@ inline ElsaGeometry check_forward_args(const at::Tensor& features, const at::Ten
   return g;
 }
 
-inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& features, const ElsaGeometry& g) {
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& features, const Geometry<int64_t>& g) {
   check_same(features, grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.B && grad_out.size(1) == g.C && grad_out.size(2) == g.Ho &&
                   grad_out.size(3) == g.Wo,
               "elsa: grad_out must have shape [", g.B, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ", grad_out.sizes());
 }
 
-inline ElsaGeometry check_backward_features_args(const at::Tensor& grad_out, const at::Tensor& h_attn,
-                                                 const std::optional<at::Tensor>& ghost_mul,
-                                                 const std::optional<at::Tensor>& ghost_add, int64_t height,
-                                                 int64_t width, int64_t K, int64_t dilation, int64_t stride) {
+inline Geometry<int64_t> check_backward_features_args(const at::Tensor& grad_out, const at::Tensor& h_attn,
+                                                      const std::optional<at::Tensor>& ghost_mul,
+                                                      const std::optional<at::Tensor>& ghost_add, int64_t height,
+                                                      int64_t width, int64_t K, int64_t dilation, int64_t stride) {
   TORCH_CHECK(grad_out.dim() == 4, "elsa: grad_out must be [B, C, Ho, Wo], got ", grad_out.sizes());
   TORCH_CHECK(h_attn.dim() == 5, "elsa: h_attn must be [B, G, K*K, Ho, Wo], got ", h_attn.sizes());
   const auto g = make_geometry(grad_out.size(0), grad_out.size(1), height, width, h_attn.size(1), K, dilation, stride);
@@ -111,10 +104,10 @@ inline ElsaGeometry check_backward_features_args(const at::Tensor& grad_out, con
   return g;
 }
 
-inline ElsaGeometry check_backward_attn_ghost_args(const at::Tensor& grad_out, const at::Tensor& features,
-                                                   const std::optional<at::Tensor>& h_attn,
-                                                   const std::optional<at::Tensor>& ghost_mul, int64_t groups,
-                                                   int64_t K, int64_t dilation, int64_t stride, bool need_mul) {
+inline Geometry<int64_t> check_backward_attn_ghost_args(const at::Tensor& grad_out, const at::Tensor& features,
+                                                        const std::optional<at::Tensor>& h_attn,
+                                                        const std::optional<at::Tensor>& ghost_mul, int64_t groups,
+                                                        int64_t K, int64_t dilation, int64_t stride, bool need_mul) {
   TORCH_CHECK(features.dim() == 4, "elsa: features must be [B, C, H, W], got ", features.sizes());
   const auto g = make_geometry(features.size(0), features.size(1), features.size(2), features.size(3), groups, K,
                                dilation, stride);
@@ -129,8 +122,8 @@ inline ElsaGeometry check_backward_attn_ghost_args(const at::Tensor& grad_out, c
 }
 
 // Gradients of the ghost kernels, shaped like them; one not asked for is an empty tensor.
-inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const ElsaGeometry& g, bool mul_batched, bool add_batched,
-                                                            bool need_mul, bool need_add,
+inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const Geometry<int64_t>& g, bool mul_batched,
+                                                            bool add_batched, bool need_mul, bool need_add,
                                                             const at::TensorOptions& options) {
   const auto shape = [&](bool need, bool batched) {
     return !need     ? std::vector<int64_t>{0}

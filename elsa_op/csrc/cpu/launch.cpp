@@ -27,20 +27,20 @@ at::Tensor attn_nhwc(const at::Tensor& h, at::ScalarType type) {
 }
 
 // (C, K, K) or (B, C, K, K) ghost kernels as [K*K, C] tables, one per batch element when batched.
-at::Tensor ghost_table(const std::optional<at::Tensor>& t, const ElsaGeometry& g, at::ScalarType type) {
+at::Tensor ghost_table(const std::optional<at::Tensor>& t, const Geometry<int64_t>& g, at::ScalarType type) {
   if (!t) return at::Tensor();
-  const auto flat = t->to(type).reshape({t->dim() == 4 ? g.B : 1, g.C, g.kk()});
+  const auto flat = t->to(type).reshape({t->dim() == 4 ? g.B : 1, g.C, g.taps()});
   return flat.transpose(1, 2).contiguous();
 }
 
-nhwc::Shape make_shape(const ElsaGeometry& g, const at::Tensor& in, const at::Tensor& out) {
+nhwc::Shape make_shape(const Geometry<int64_t>& g, const at::Tensor& in, const at::Tensor& out) {
   return nhwc::Shape{g.B,  g.C,  g.H,          g.W,          g.G,          g.K,           g.dilation,    g.stride,
                      g.Ho, g.Wo, in.stride(0), in.stride(2), in.stride(3), out.stride(0), out.stride(2), out.stride(3)};
 }
 
 template <typename T>
-nhwc::Ghost<T> ghost_of(const at::Tensor& m, const at::Tensor& a, const ElsaGeometry& g) {
-  const auto batch_stride = [&](const at::Tensor& t) { return t.defined() && t.size(0) > 1 ? g.kk() * g.C : 0; };
+nhwc::Ghost<T> ghost_of(const at::Tensor& m, const at::Tensor& a, const Geometry<int64_t>& g) {
+  const auto batch_stride = [&](const at::Tensor& t) { return t.defined() && t.size(0) > 1 ? g.taps() * g.C : 0; };
   return nhwc::Ghost<T>{m.defined() ? m.const_data_ptr<T>() : nullptr, batch_stride(m),
                         a.defined() ? a.const_data_ptr<T>() : nullptr, batch_stride(a)};
 }
@@ -56,7 +56,7 @@ namespace {
 
 // Forward and grad-features are one weighted gather that runs in opposite directions: from features to
 // the output grid, or from grad_out back to the feature grid.
-at::Tensor weighted_nhwc(const ElsaGeometry& g, const at::Tensor& values, const at::Tensor& h_attn,
+at::Tensor weighted_nhwc(const Geometry<int64_t>& g, const at::Tensor& values, const at::Tensor& h_attn,
                          const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                          bool grad_x) {
   const auto type = accumulation_type(values.scalar_type());
@@ -69,7 +69,7 @@ at::Tensor weighted_nhwc(const ElsaGeometry& g, const at::Tensor& values, const 
     const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
     const auto kernel = grad_x ? kernels.grad_features : kernels.forward;
     const auto ghost = ghost_of<scalar_t>(m, a, g);
-    at::parallel_for(0, g.B * rows, grain_for(cols * g.C * g.kk()), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.B * rows, grain_for(cols * g.C * g.taps()), [&](int64_t begin, int64_t end) {
       kernel(s, v.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), ghost, result.mutable_data_ptr<scalar_t>(),
              begin, end);
     });
@@ -79,28 +79,28 @@ at::Tensor weighted_nhwc(const ElsaGeometry& g, const at::Tensor& values, const 
 
 }  // namespace
 
-at::Tensor forward_nhwc(const ElsaGeometry& g, const at::Tensor& features, const at::Tensor& h_attn,
+at::Tensor forward_nhwc(const Geometry<int64_t>& g, const at::Tensor& features, const at::Tensor& h_attn,
                         const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
   return weighted_nhwc(g, features, h_attn, ghost_mul, ghost_add, false);
 }
 
-at::Tensor backward_features_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
+at::Tensor backward_features_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
                                   const std::optional<at::Tensor>& ghost_mul,
                                   const std::optional<at::Tensor>& ghost_add) {
   return weighted_nhwc(g, grad_out, h_attn, ghost_mul, ghost_add, true);
 }
 
-at::Tensor backward_attn_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& features,
+at::Tensor backward_attn_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& features,
                               const std::optional<at::Tensor>& ghost_mul) {
   const auto type = accumulation_type(features.scalar_type());
   const auto go = as_nhwc(grad_out, type), x = as_nhwc(features, type);
   const auto m = ghost_table(ghost_mul, g, type);
-  auto gh = at::empty({g.B, g.Ho, g.Wo, g.G, g.kk()}, x.options());
+  auto gh = at::empty({g.B, g.Ho, g.Wo, g.G, g.taps()}, x.options());
   const auto s = make_shape(g, x, go);
   AT_DISPATCH_FLOATING_TYPES(type, "elsa_backward_attn_nhwc", [&] {
     const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
     const auto ghost = ghost_of<scalar_t>(m, at::Tensor(), g);
-    at::parallel_for(0, g.B * g.Ho, grain_for(g.Wo * g.C * g.kk()), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.B * g.Ho, grain_for(g.Wo * g.C * g.taps()), [&](int64_t begin, int64_t end) {
       kernels.grad_attn(s, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ghost.mul, ghost.mul_b,
                         gh.mutable_data_ptr<scalar_t>(), begin, end);
     });
@@ -110,7 +110,7 @@ at::Tensor backward_attn_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out,
 
 // Partial sums over fixed blocks of output rows (never split by thread), then a sum of the blocks in order,
 // in double: the result does not depend on the number of threads.
-std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out,
                                                        const at::Tensor& features,
                                                        const std::optional<at::Tensor>& h_attn, bool batched,
                                                        bool need_mul, bool need_add) {
@@ -119,13 +119,13 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, co
   const auto h = need_mul ? attn_nhwc(*h_attn, type) : at::Tensor();
   const int64_t block_rows = std::max<int64_t>(1, 512 / g.Wo);
   const int64_t blocks_per_image = (g.Ho + block_rows - 1) / block_rows, blocks = g.B * blocks_per_image;
-  const int64_t table = g.kk() * g.C;
+  const int64_t table = g.taps() * g.C;
   const auto part_mul = need_mul ? at::zeros({blocks, table}, x.options()) : at::Tensor();
   const auto part_add = need_add ? at::zeros({blocks, table}, x.options()) : at::Tensor();
   const auto s = make_shape(g, x, go);
   const int64_t units = batched ? g.B : 1;
-  auto sum_mul = at::empty({need_mul ? units : 0, g.C, g.kk()}, x.options().dtype(at::kDouble));
-  auto sum_add = at::empty({need_add ? units : 0, g.C, g.kk()}, x.options().dtype(at::kDouble));
+  auto sum_mul = at::empty({need_mul ? units : 0, g.C, g.taps()}, x.options().dtype(at::kDouble));
+  auto sum_add = at::empty({need_add ? units : 0, g.C, g.taps()}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(type, "elsa_backward_ghost_nhwc", [&] {
     const auto& kernels = nhwc::nhwc_kernels<scalar_t>();
     scalar_t* pm = need_mul ? part_mul.mutable_data_ptr<scalar_t>() : nullptr;
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, co
       double* dst = sum->mutable_data_ptr<double>();
       at::parallel_for(0, units * table, 1024, [&](int64_t begin, int64_t end) {
         for (int64_t e = begin; e < end; ++e) {
-          const int64_t u = e / table, c = (e % table) / g.kk(), t = e % g.kk();
+          const int64_t u = e / table, c = (e % table) / g.taps(), t = e % g.taps();
           double total = 0;
           for (int64_t blk = u * blocks_per_unit; blk < (u + 1) * blocks_per_unit; ++blk)
             total += part[blk * table + t * g.C + c];

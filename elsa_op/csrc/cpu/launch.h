@@ -10,17 +10,17 @@
 
 namespace elsa_op {
 
-at::Tensor forward_nhwc(const ElsaGeometry& g, const at::Tensor& features, const at::Tensor& h_attn,
+at::Tensor forward_nhwc(const Geometry<int64_t>& g, const at::Tensor& features, const at::Tensor& h_attn,
                         const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add);
 
-at::Tensor backward_features_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
+at::Tensor backward_features_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
                                   const std::optional<at::Tensor>& ghost_mul,
                                   const std::optional<at::Tensor>& ghost_add);
 
-at::Tensor backward_attn_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out, const at::Tensor& features,
+at::Tensor backward_attn_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& features,
                               const std::optional<at::Tensor>& ghost_mul);
 
-std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const ElsaGeometry& g, const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out,
                                                        const at::Tensor& features,
                                                        const std::optional<at::Tensor>& h_attn, bool batched,
                                                        bool need_mul, bool need_add);

@@ -108,7 +108,7 @@ inline AttnStrides attn_strides_of(const at::Tensor& h) {
 }
 
 // Whether 16-byte vectors fit: whole vectors per head, and vector-aligned pointers and pixel strides.
-inline bool vectors_fit(const ElsaGeometry& g, std::initializer_list<const at::Tensor*> tensors) {
+inline bool vectors_fit(const Geometry<int64_t>& g, std::initializer_list<const at::Tensor*> tensors) {
   const int v = full_vector((*tensors.begin())->scalar_type());
   if ((g.C / g.G) % v != 0) return false;
   for (const at::Tensor* t : tensors) {
@@ -120,13 +120,14 @@ inline bool vectors_fit(const ElsaGeometry& g, std::initializer_list<const at::T
 }
 
 // Ghost kernels as [U, C/V, K*K, V] tables in the accumulation type (a copy of C*K*K values per unit).
-inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const ElsaGeometry& g, at::ScalarType acc, int V) {
+inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const Geometry<int64_t>& g, at::ScalarType acc,
+                              int V) {
   if (!t) return at::Tensor();
-  return t->to(acc).reshape({t->dim() == 4 ? g.B : 1, g.C / V, V, g.kk()}).transpose(2, 3).contiguous();
+  return t->to(acc).reshape({t->dim() == 4 ? g.B : 1, g.C / V, V, g.taps()}).transpose(2, 3).contiguous();
 }
 
 // The kernels compute in-plane coordinates and per-row indices in 32 bits.
-inline void check_int32(const ElsaGeometry& g) {
+inline void check_int32(const Geometry<int64_t>& g) {
   constexpr int64_t lim = (int64_t(1) << 31) - 1;
   TORCH_CHECK(std::max(g.H, g.W) + g.radius() * g.dilation + g.stride < lim && g.C < lim &&
                   g.B * std::max(g.H, g.Ho) < lim && std::max(g.W, g.Wo) * g.C < lim,
@@ -137,7 +138,7 @@ inline void check_int32(const ElsaGeometry& g) {
 }
 
 template <int V>
-Geo make_geo(const ElsaGeometry& g) {
+Geo make_geo(const Geometry<int64_t>& g) {
   return Geo{int(g.B),
              int(g.C),
              int(g.H),
@@ -158,15 +159,15 @@ template <typename A>
 inline const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<A>() : nullptr;
 }
-inline int64_t table_batch_stride(const at::Tensor& t, const ElsaGeometry& g) {
-  return t.defined() && t.size(0) > 1 ? g.kk() * g.C : 0;
+inline int64_t table_batch_stride(const at::Tensor& t, const Geometry<int64_t>& g) {
+  return t.defined() && t.size(0) > 1 ? g.taps() * g.C : 0;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Forward (values = features, written on the output grid) or grad features (values = grad_out, written on
 // the features' grid): the two directions of kernels.cuh's weighted gather.
 template <bool kGradFeatures, class Runner>
-at::Tensor gather_impl(Runner& run, const ElsaGeometry& g, const at::Tensor& values, const at::Tensor& h_attn,
+at::Tensor gather_impl(Runner& run, const Geometry<int64_t>& g, const at::Tensor& values, const at::Tensor& h_attn,
                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add) {
   check_int32(g);
   const auto acc = accumulation_type(values.scalar_type());
@@ -210,9 +211,9 @@ struct AttnGhostPlan {
   int CVB, TB, c_chunks, t_chunks, P, tiles, tile_pixels;
 };
 
-inline AttnGhostPlan plan_attn_ghost(const ElsaGeometry& g, int V, int64_t acc_size) {
+inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t acc_size) {
   AttnGhostPlan p{};
-  const int cv = int(g.C / g.G / V), kk = int(g.kk());
+  const int cv = int(g.C / g.G / V), kk = int(g.taps());
   // Largest divisor of the head's channel vectors with CVB * min(K*K, ...) pairs within kMaxPairs.
   p.CVB = 1;
   for (int d = 1; d <= cv; ++d)
@@ -246,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   const auto go = as_channels_last(grad_out), x = as_channels_last(features);
   const auto h = need_mul ? attn_taps_last(*h_attn) : at::Tensor();
   const auto empty = at::empty({0}, x.options());
-  auto gh = need_attn ? at::empty({g.B, g.Ho, g.Wo, g.G, g.kk()}, x.options()) : empty;
+  auto gh = need_attn ? at::empty({g.B, g.Ho, g.Wo, g.G, g.taps()}, x.options()) : empty;
   at::Tensor gm, ga;
   std::tie(gm, ga) = empty_ghost_grads(g, mul_batched, add_batched, need_mul, need_add, x.options().dtype(acc));
   if (!need_attn && !need_mul && !need_add) return {empty, gm, ga};
@@ -256,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   TORCH_CHECK(tiles < (int64_t(1) << 31) && g.G <= kMaxGridY && int64_t(plan.c_chunks) * plan.t_chunks <= kMaxGridY,
               "elsa (CUDA): too many heads or blocks for one launch");
   auto part_opts = x.options().dtype(acc);
-  const auto part_mul = need_mul ? at::empty({tiles, g.kk(), g.C}, part_opts) : at::Tensor();
-  const auto part_add = need_add ? at::empty({tiles, g.kk(), g.C}, part_opts) : at::Tensor();
+  const auto part_mul = need_mul ? at::empty({tiles, g.taps(), g.C}, part_opts) : at::Tensor();
+  const auto part_add = need_add ? at::empty({tiles, g.taps(), g.C}, part_opts) : at::Tensor();
   const auto gh_part =
       need_attn && plan.c_chunks > 1 ? at::empty({plan.c_chunks, gh.numel()}, part_opts) : at::Tensor();
   dispatch(x.scalar_type(), g.K, V > 1, [&]<typename T, int KT, int VV>() {
@@ -297,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
                                  out->template mutable_data_ptr<A>(),
                                  units,
                                  batched ? plan.tiles : tiles,
-                                 g.kk(),
+                                 g.taps(),
                                  g.C};
       if (out->numel() > 0) run.template ghost_reduce<A>(r, out->numel());
     }
