@@ -2,9 +2,11 @@
 
 tests/cuda_emulation/emulation.cpp compiles the CUDA operator's host code (elsa_op/csrc/cuda/launch.h) and
 kernel bodies (kernels.cuh) with the host compiler and runs every launch over its full grid on CPU (shared
-memory poisoned with NaN, barriers enforced, outputs poisoned; see that file). Here its results are compared
-with elsa_reference, the op's definition, over kernel sizes, dilations, strides, dtypes, layouts, ghost
-kernels, gradient subsets, small images, chunked heads and indices past 2^31.
+memory poisoned with NaN, barriers enforced, outputs poisoned, and every memory access checked for
+alignment, for bounds of its tensor's storage and view, and for bounds of shared memory; see that file and
+elsa_op/csrc/cuda/access.h). Here its results are compared with elsa_reference, the op's definition, over
+kernel sizes, dilations, strides, dtypes, layouts, ghost kernels, gradient subsets, small images, chunked
+heads and indices past 2^31; and tensors off vector alignment must take the scalar kernels.
 """
 
 import hashlib
@@ -16,6 +18,7 @@ import torch
 from op_cases import GEOMETRIES, assert_close_scaled, geometry_id, make_case, reference_grads
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.emulation
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +35,27 @@ def emu():
         name="elsa_cuda_emulation",
         sources=[str(REPO / "tests" / "cuda_emulation" / "emulation.cpp")],
         extra_include_paths=[str(REPO / "elsa_op" / "csrc" / "cuda")],
-        extra_cflags=["-std=c++20", "-O1", f"-DELSA_HEADERS_{digest}"],
+        # ELSA_CHECK_ACCESS: every global and shared memory access is checked (access.h).
+        extra_cflags=["-std=c++20", "-O1", "-DELSA_CHECK_ACCESS", f"-DELSA_HEADERS_{digest}"],
         build_directory=str(build),
     )
 
 
 def _check(emu, B, C, H, W, G, K, dilation, stride, dtype, ghost, layout, subsets=None):
     x, h, go, m, a, xl, hl, gol = make_case(B, C, H, W, G, K, dilation, stride, dtype, ghost, layout)
+    return _check_tensors(emu, x, h, go, m, a, xl, hl, gol, G, K, dilation, stride, subsets)
+
+
+def _check_tensors(emu, x, h, go, m, a, xl, hl, gol, G, K, dilation, stride, subsets=None):
+    """Every op of the emulation on xl, hl, gol (views of x, h, go in any memory) against the reference."""
+    dtype, (H, W) = x.dtype, x.shape[2:]
+    channels_last = xl.shape[1] > 1 and xl.stride(1) == 1  # results come back in the features' layout
     out_ref, (gx_ref, gh_ref, gm_ref, ga_ref) = reference_grads(x, h, go, m, a, K, dilation, stride)
     ran = []
 
     out, r = emu.forward(xl, hl, m, a, K, dilation, stride, -1)
     ran += r
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == (layout != "nchw")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert_close_scaled(out, out_ref, dtype, "forward")
 
     gx, r = emu.backward_features(gol, hl, m, a, H, W, K, dilation, stride, -1)
@@ -167,3 +178,94 @@ def test_emulated_indices_past_2_31(emu):
     assert_close_scaled(gh[-1:], gh_ref, dtype, "grad attention past 2^31")
     assert_close_scaled(gm[-1:], gm_ref, torch.float32, "grad ghost_mul past 2^31")
     assert_close_scaled(ga[-1:], ga_ref, torch.float32, "grad ghost_add past 2^31")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory the GPU is strict about: vector accesses must be aligned to their 16 bytes, and a read past a
+# tensor must fail even where host memory lies beyond it. The launcher must send tensors that 16-byte
+# vectors do not fit to the scalar kernels (V = 1); the emulation's access checks (access.h) make any
+# vector access that would fault on a GPU fail here.
+
+
+def _strided(t, strides_offset):
+    """t ([B, C, H, W]) copied into a view with the given (strides, storage offset) over a fresh buffer."""
+    strides, offset = strides_offset
+    span = offset + 1 + sum((n - 1) * s for n, s in zip(t.shape, strides, strict=True))
+    view = torch.full((span,), float("nan"), dtype=t.dtype).as_strided(t.shape, strides, offset)
+    return view.copy_(t)
+
+
+def _channels_last_strides(B, C, H, W, pixel=None, row=None, batch=None):
+    pixel = pixel or C
+    row = row or W * pixel
+    return (batch or H * row, 1, row, pixel)
+
+
+# (name, which tensors, strides of the odd view for a [B, C, H, W] tensor, storage offset in elements).
+# C = 16 channels: 4 float32 vectors or 2 bfloat16 vectors per pixel in dense memory.
+ODD_MEMORY = {
+    "offset 4 bytes": lambda B, C, H, W, item: (_channels_last_strides(B, C, H, W), 4 // item),
+    "offset 8 bytes": lambda B, C, H, W, item: (_channels_last_strides(B, C, H, W), 8 // item),
+    "channel slice at an odd offset": lambda B, C, H, W, item: (_channels_last_strides(B, C, H, W, pixel=3 * C + 1), 1),
+    "pixel stride not whole vectors": lambda B, C, H, W, item: (_channels_last_strides(B, C, H, W, pixel=C + 2), 0),
+    "row stride not whole vectors": lambda B, C, H, W, item: (_channels_last_strides(B, C, H, W, row=W * C + 2), 0),
+    "batch stride not whole vectors": lambda B, C, H, W, item: (
+        _channels_last_strides(B, C, H, W, batch=H * W * C + 2),
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("odd", ["features", "grad_out", "both"])
+@pytest.mark.parametrize("memory", list(ODD_MEMORY))
+def test_emulated_memory_off_vector_alignment_takes_the_scalar_kernels(emu, memory, odd, dtype):
+    """Features or grad_out (or both) only 4- or 8-byte aligned, or with pixel, row or batch strides that are
+    not whole 16-byte vectors: each kernel that reads such a tensor runs its scalar instantiation (V = 1) and
+    still matches the reference; the others keep their vectors."""
+    B, C, H, W, G, K, d, s = 2, 16, 7, 9, 2, 3, 1, 1
+    x, h, go, m, a, _, hl, _ = make_case(B, C, H, W, G, K, d, s, dtype, "broadcast", "channels_last", seed=5)
+    item = x.element_size()
+    full = 16 // item
+    xl = (
+        _strided(x, ODD_MEMORY[memory](B, C, H, W, item))
+        if odd in ("features", "both")
+        else x.contiguous(memory_format=torch.channels_last)
+    )
+    gol = (
+        _strided(go, ODD_MEMORY[memory](B, C, H, W, item))
+        if odd in ("grad_out", "both")
+        else go.contiguous(memory_format=torch.channels_last)
+    )
+    aligned = [t.data_ptr() % 16 == 0 and all(t.stride(k) % full == 0 for k in (0, 2, 3)) for t in (xl, gol)]
+    assert aligned[0] == (odd == "grad_out") and aligned[1] == (odd == "features"), "the case must be off alignment"
+    ran = _check_tensors(emu, x, h, go, m, a, xl, hl, gol, G, K, d, s, subsets=[(True, True, True)])
+    vec = {True: f"<{K},{full}>", False: "<0,1>"}
+    assert f"forward{vec[aligned[0]]}" in ran, ran
+    assert f"features{vec[aligned[1]]}" in ran, ran
+    assert f"attn_ghost{vec[aligned[0] and aligned[1]]}" in ran, ran
+
+
+def test_access_checks_raise_naming_the_kernel_and_the_address(emu):
+    """The checks themselves: a misaligned vector, a read past the storage, and a read of an element that lies
+    inside the storage but outside the view each raise with the kernel, the tensor and the address."""
+    base = torch.arange(64, dtype=torch.float32)
+    emu.probe_access(base, 0, 4, 16)  # an aligned vector inside the tensor
+    emu.probe_access(base, 60, 4, 16)  # the last one
+    with pytest.raises(RuntimeError, match=r"kernel probe: load of 16 bytes at 0x[0-9a-f]+ .*misaligned"):
+        emu.probe_access(base, 1, 4, 16)
+    with pytest.raises(RuntimeError, match=r"the probed tensor .*outside the storage"):
+        emu.probe_access(base, 61, 4, 4)
+    with pytest.raises(RuntimeError, match=r"outside the storage"):
+        emu.probe_access(base[8:16], -9, 1, 4)
+    # A channel slice [:, 4:8] of a [4, 16] tensor: element 4 of the next row lies in the storage, but the
+    # slice's last element is (3, 7), so a read one element past it fails although it reads valid memory.
+    piece = base.view(4, 16)[:, 4:8]
+    emu.probe_access(piece, 3 * 16 + 3, 1, 4)
+    with pytest.raises(RuntimeError, match=r"inside the storage but not part of the tensor"):
+        emu.probe_access(piece, 3 * 16 + 4, 1, 4)
+    with pytest.raises(RuntimeError, match=r"inside the storage but not part of the tensor"):
+        emu.probe_access(piece, 4, 1, 4)
+    # A vector that starts in the view and runs past its row.
+    with pytest.raises(RuntimeError, match=r"not part of the tensor"):
+        emu.probe_access(piece, 2, 4, 4)

@@ -7,7 +7,12 @@
 //     plan), block by block and thread by thread, grid-stride loops included;
 //   - a block's shared memory starts as NaN, so a read of a slot no thread wrote poisons the result;
 //   - two `threads` steps of a block with no `sync` between them are an error (a missing barrier);
-//   - every output buffer starts as NaN, so an element no thread writes fails the comparison.
+//   - every output buffer starts as NaN, so an element no thread writes fails the comparison;
+//   - every access to global or shared memory is checked as access.h describes (compiled with
+//     ELSA_CHECK_ACCESS): aligned to its size, inside the storage of the tensor it was reached from (each
+//     tensor the launcher hands a kernel is registered with its storage and view), an element of that
+//     tensor's view, and inside its shared-memory array. A failed check raises, naming the kernel and the
+//     address.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -56,9 +61,10 @@ struct EmulationRunner {
     const auto& g = A.g;
     ran.push_back(std::string(kGradFeatures ? "features" : "forward") + "<" + std::to_string(KT) + "," +
                   std::to_string(V) + ">");
+    access::kernel = ran.back();
     const int64_t rows_per_image = kGradFeatures ? g.H : g.Ho, cols = kGradFeatures ? g.W : g.Wo;
     const int64_t image = rows_per_image * cols * g.C;
-    poison(A.dst + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
+    poison(raw(A.dst) + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
     auto item = [&](int row, int it) {
       if constexpr (kGradFeatures) {
         features_item<T, KT, V>(A, row, it);
@@ -82,13 +88,14 @@ struct EmulationRunner {
   template <typename T, int KT, int V>
   void attn_ghost(const AttnGhostArgs<T>& A, int blocks_x) {
     ran.push_back("attn_ghost<" + std::to_string(KT) + "," + std::to_string(V) + ">");
+    access::kernel = ran.back();
     const auto& g = A.g;
     const int64_t kk = int64_t(g.K) * g.K, attn = int64_t(g.Ho) * g.Wo * g.G * kk, table = kk * g.C;
     const int64_t b0 = only_batch >= 0 ? only_batch : 0, nb = only_batch >= 0 ? 1 : g.B;
-    if (A.gh) poison(A.gh + b0 * attn, nb * attn);
+    if (A.gh) poison(raw(A.gh) + b0 * attn, nb * attn);
     if (A.gh_part)
-      for (int c = 0; c < A.c_chunks; ++c) poison(A.gh_part + c * g.B * attn + b0 * attn, nb * attn);
-    for (auto* part : {A.part_mul, A.part_add})
+      for (int c = 0; c < A.c_chunks; ++c) poison(raw(A.gh_part) + c * g.B * attn + b0 * attn, nb * attn);
+    for (auto* part : {raw(A.part_mul), raw(A.part_add)})
       if (part) poison(part + b0 * A.tiles * table, nb * A.tiles * table);
     const int z = A.c_chunks * attn_ghost_t_chunks(A);
     for (int bx = 0; bx < blocks_x; ++bx) {
@@ -96,7 +103,9 @@ struct EmulationRunner {
       for (int by = 0; by < g.G; ++by)
         for (int bz = 0; bz < z; ++bz) {
           HostBlock<AttnGhostThread<acc_of<T>, V>> block(kAttnThreads, attn_ghost_shared_bytes(A));
+          const size_t regions = access::regions.size();
           attn_ghost_block<T, KT, V>(A, block, bx, by, bz);
+          access::regions.resize(regions);  // the block's shared arrays end with it
         }
     }
   }
@@ -104,9 +113,10 @@ struct EmulationRunner {
   template <typename A>
   void ghost_reduce(const GhostReduceArgs<A>& R, int64_t items) {
     ran.push_back("ghost_reduce");
+    access::kernel = ran.back();
     const int64_t table = R.KK * R.C;
     const int64_t lo = only_batch >= 0 ? only_batch * table : 0, hi = only_batch >= 0 ? lo + table : items;
-    poison(R.out + lo, hi - lo);
+    poison(raw(R.out) + lo, hi - lo);
     const int64_t blocks = stride_grid(items), step = blocks * kItemThreads;
     for (int64_t bx = 0; bx < blocks; ++bx)
       for (int tid = 0; tid < kItemThreads; ++tid)
@@ -117,8 +127,9 @@ struct EmulationRunner {
   template <typename T>
   void chunk_sum(const ChunkSumArgs<T>& S) {
     ran.push_back("chunk_sum");
+    access::kernel = ran.back();
     TORCH_CHECK(only_batch < 0, "emulation: chunk_sum runs on whole batches only");
-    poison(S.out, S.numel);
+    poison(raw(S.out), S.numel);
     const int64_t blocks = stride_grid(S.numel), step = blocks * kItemThreads;
     for (int64_t bx = 0; bx < blocks; ++bx)
       for (int tid = 0; tid < kItemThreads; ++tid)
@@ -129,6 +140,7 @@ struct EmulationRunner {
 py::tuple forward(const at::Tensor& features, const at::Tensor& h_attn, const std::optional<at::Tensor>& ghost_mul,
                   const std::optional<at::Tensor>& ghost_add, int64_t K, int64_t dilation, int64_t stride,
                   int64_t only_batch) {
+  access::regions.clear();
   EmulationRunner run{only_batch};
   auto out = forward_impl(run, features, h_attn, ghost_mul, ghost_add, K, dilation, stride);
   return py::make_tuple(out, run.ran);
@@ -138,6 +150,7 @@ py::tuple backward_features(const at::Tensor& grad_out, const at::Tensor& h_attn
                             const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                             int64_t height, int64_t width, int64_t K, int64_t dilation, int64_t stride,
                             int64_t only_batch) {
+  access::regions.clear();
   EmulationRunner run{only_batch};
   auto gx = backward_features_impl(run, grad_out, h_attn, ghost_mul, ghost_add, height, width, K, dilation, stride);
   return py::make_tuple(gx, run.ran);
@@ -147,10 +160,20 @@ py::tuple backward_attn_ghost(const at::Tensor& grad_out, const at::Tensor& feat
                               const std::optional<at::Tensor>& h_attn, const std::optional<at::Tensor>& ghost_mul,
                               int64_t groups, int64_t K, int64_t dilation, int64_t stride, bool need_attn,
                               bool need_mul, bool need_add, bool mul_batched, bool add_batched, int64_t only_batch) {
+  access::regions.clear();
   EmulationRunner run{only_batch};
   auto [gh, gm, ga] = backward_attn_ghost_impl(run, grad_out, features, h_attn, ghost_mul, groups, K, dilation, stride,
                                                need_attn, need_mul, need_add, mul_batched, add_batched);
   return py::make_tuple(gh, gm, ga, run.ran);
+}
+
+// The checks themselves, for their own tests: a load of `count` float32 elements at element `offset` from
+// the first element of `t`, as one `align`-byte access, made by a kernel called "probe".
+void probe_access(const at::Tensor& t, int64_t offset, int64_t count, int64_t align) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "probe_access takes float32 tensors");
+  access::regions.clear();
+  access::kernel = "probe";
+  check_access(global_ptr<const float>(t, "the probed tensor") + offset, int(count), int(align), "load");
 }
 
 }  // namespace
@@ -161,4 +184,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward_features", &backward_features);
   m.def("backward_attn_ghost", &backward_attn_ghost);
+  m.def("probe_access", &probe_access);
 }

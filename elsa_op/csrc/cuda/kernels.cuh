@@ -38,6 +38,8 @@
 #define ELSA_UNROLL_ROW
 #endif
 
+#include "access.h"
+
 namespace elsa_op::gpu {
 
 // Accumulation type: float for float, half and bfloat16; double for double.
@@ -58,27 +60,31 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// Vector accesses (see access.h for the checks the emulation makes; none on the GPU).
 template <typename T, int V>
-ELSA_HD void load_vec(const T* p, acc_of<T> (&out)[V]) {
-  const Vec<T, V> raw = *reinterpret_cast<const Vec<T, V>*>(p);
+ELSA_HD void load_vec(Global<const T> p, acc_of<T> (&out)[V]) {
+  check_access(p, V, int(sizeof(Vec<T, V>)), "vector load");
+  const Vec<T, V> bits = *reinterpret_cast<const Vec<T, V>*>(raw(p));
   ELSA_UNROLL
-  for (int e = 0; e < V; ++e) out[e] = static_cast<acc_of<T>>(raw.v[e]);
+  for (int e = 0; e < V; ++e) out[e] = static_cast<acc_of<T>>(bits.v[e]);
 }
 
 // Ghost tables are in the accumulation type already.
 template <typename A, int V>
-ELSA_HD void load_acc(const A* p, A (&out)[V]) {
-  const Vec<A, V> raw = *reinterpret_cast<const Vec<A, V>*>(p);
+ELSA_HD void load_acc(Global<const A> p, A (&out)[V]) {
+  check_access(p, V, int(sizeof(Vec<A, V>)), "vector load");
+  const Vec<A, V> bits = *reinterpret_cast<const Vec<A, V>*>(raw(p));
   ELSA_UNROLL
-  for (int e = 0; e < V; ++e) out[e] = raw.v[e];
+  for (int e = 0; e < V; ++e) out[e] = bits.v[e];
 }
 
 template <typename T, int V>
-ELSA_HD void store_vec(T* p, const acc_of<T> (&in)[V]) {
-  Vec<T, V> raw;
+ELSA_HD void store_vec(Global<T> p, const acc_of<T> (&in)[V]) {
+  check_access(p, V, int(sizeof(Vec<T, V>)), "vector store");
+  Vec<T, V> bits;
   ELSA_UNROLL
-  for (int e = 0; e < V; ++e) raw.v[e] = static_cast<T>(in[e]);
-  *reinterpret_cast<Vec<T, V>*>(p) = raw;
+  for (int e = 0; e < V; ++e) bits.v[e] = static_cast<T>(in[e]);
+  *reinterpret_cast<Vec<T, V>*>(raw(p)) = bits;
 }
 
 // Geometry in 32-bit integers: the launcher checks that every in-plane coordinate the kernels form,
@@ -112,7 +118,8 @@ constexpr int tap_row_unroll() {
 
 // One tap of the forward or grad-features gather: acc += v * (m[t] * w + a[t]) over the thread's V channels.
 template <typename T, int V>
-ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], const T* v, acc_of<T> w, const acc_of<T>* m, const acc_of<T>* a, int t) {
+ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, Global<const acc_of<T>> m,
+                          Global<const acc_of<T>> a, int t) {
   using acc_t = acc_of<T>;
   acc_t vv[V], mv[V], av[V];
   load_vec<T, V>(v, vv);
@@ -140,15 +147,15 @@ ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], const T* v, acc_of<T> w, const ac
 template <typename T>
 struct GatherArgs {
   Geo g;
-  const T* src;  // the features (forward) or grad_out (grad features)
+  Global<const T> src;  // the features (forward) or grad_out (grad features)
   Strides ss;
-  const T* h;
+  Global<const T> h;
   AttnStrides hs;
-  const acc_of<T>* m;  // null: 1
-  int64_t m_b;         // batch stride of the table: 0 when broadcast
-  const acc_of<T>* a;  // null: 0
+  Global<const acc_of<T>> m;  // null: 1
+  int64_t m_b;                // batch stride of the table: 0 when broadcast
+  Global<const acc_of<T>> a;  // null: 0
   int64_t a_b;
-  T* dst;  // the output (forward) or grad_features
+  Global<T> dst;  // the output (forward) or grad_features
   Strides ds;
 };
 
@@ -163,10 +170,10 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
   const int b = row / g.Ho, i = row - b * g.Ho;
   const int j = item / g.CV, cv = item - j * g.CV, c = cv * V;
   const int grp = c / g.cpg;
-  const T* xb = A.src + b * A.ss.b + c;
-  const T* hp = A.h + b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
-  const acc_t* mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
-  const acc_t* ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
+  const Global<const T> xb = A.src + b * A.ss.b + c;
+  const Global<const T> hp = A.h + b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
+  const Global<const acc_t> mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
+  const Global<const acc_t> ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
   acc_t acc[V];
   ELSA_UNROLL
   for (int e = 0; e < V; ++e) acc[e] = 0;
@@ -176,14 +183,15 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     // The whole window inside the image (most pixels): no bounds to check.
     // Rows one after the other (unrolling them too would only hoist loads into spilled registers), the
     // taps of a row unrolled, at compile-time offsets from pointers that step once per row.
-    const T* xrow = xb + y0 * A.ss.h + x0 * A.ss.w;
+    Global<const T> xrow = xb + y0 * A.ss.h + x0 * A.ss.w;
     const int64_t dy = int64_t(g.dilation) * A.ss.h, dx = int64_t(g.dilation) * A.ss.w;
-    const T* hrow = hp;
-    const acc_t *mrow = mp, *arow = ap;
+    Global<const T> hrow = hp;
+    Global<const acc_t> mrow = mp, arow = ap;
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
       ELSA_UNROLL_ROW
-      for (int q = 0; q < K; ++q) weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(hrow[q]), mrow, arow, q);
+      for (int q = 0; q < K; ++q)
+        weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(load(hrow + q)), mrow, arow, q);
       xrow += dy;
       hrow += K;
       if (mrow) mrow += K * V;
@@ -194,13 +202,13 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p, y += g.dilation) {
       if (y < 0 || y >= g.H) continue;
-      const T* xrow = xb + y * A.ss.h;
+      const Global<const T> xrow = xb + y * A.ss.h;
       int xx = x0;
       ELSA_UNROLL_ROW
       for (int q = 0; q < K; ++q, xx += g.dilation) {
         if (xx < 0 || xx >= g.W) continue;
         const int t = p * K + q;
-        weighted_tap<T, V>(acc, xrow + xx * A.ss.w, static_cast<acc_t>(hp[t]), mp, ap, t);
+        weighted_tap<T, V>(acc, xrow + xx * A.ss.w, static_cast<acc_t>(load(hp + t)), mp, ap, t);
       }
     }
   }
@@ -222,10 +230,10 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   const int b = row / g.H, y = row - b * g.H;
   const int x = item / g.CV, cv = item - x * g.CV, c = cv * V;
   const int grp = c / g.cpg;
-  const T* gob = A.src + b * A.ss.b + c;
-  const T* hb = A.h + b * A.hs.b + grp * A.hs.g;
-  const acc_t* mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
-  const acc_t* ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
+  const Global<const T> gob = A.src + b * A.ss.b + c;
+  const Global<const T> hb = A.h + b * A.hs.b + grp * A.hs.g;
+  const Global<const acc_t> mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
+  const Global<const acc_t> ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
   acc_t acc[V];
   ELSA_UNROLL
   for (int e = 0; e < V; ++e) acc[e] = 0;
@@ -235,16 +243,16 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   if (s == 1 && ty < g.Ho && ty - span >= 0 && tx < g.Wo && tx - span >= 0) {
     // Stride 1 with every tap's output pixel inside the output (most pixels): no remainders, no bounds.
     // Rows one after the other, the taps of a row unrolled (as in forward_item).
-    const T* gorow = gob + ty * A.ss.h + tx * A.ss.w;
-    const T* hrow = hb + ty * A.hs.h + tx * A.hs.w;
+    Global<const T> gorow = gob + ty * A.ss.h + tx * A.ss.w;
+    Global<const T> hrow = hb + ty * A.hs.h + tx * A.hs.w;
     const int64_t go_dy = int64_t(g.dilation) * A.ss.h, go_dx = int64_t(g.dilation) * A.ss.w;
     const int64_t h_dy = int64_t(g.dilation) * A.hs.h, h_dx = int64_t(g.dilation) * A.hs.w;
-    const acc_t *mrow = mp, *arow = ap;
+    Global<const acc_t> mrow = mp, arow = ap;
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
       ELSA_UNROLL_ROW
       for (int q = 0; q < K; ++q)
-        weighted_tap<T, V>(acc, gorow - q * go_dx, static_cast<acc_t>(hrow[q - q * h_dx]), mrow, arow, q);
+        weighted_tap<T, V>(acc, gorow - q * go_dx, static_cast<acc_t>(load(hrow + (q - q * h_dx))), mrow, arow, q);
       gorow -= go_dy;
       hrow += K - h_dy;
       if (mrow) mrow += K * V;
@@ -256,14 +264,14 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
       if (ir == 0 && iq >= 0 && iq < g.Ho) {
-        const T* gorow = gob + iq * A.ss.h;
-        const T* hrow = hb + iq * A.hs.h;
+        const Global<const T> gorow = gob + iq * A.ss.h;
+        const Global<const T> hrow = hb + iq * A.hs.h;
         int jq = jq0, jr = jr0;
         ELSA_UNROLL_ROW
         for (int q = 0; q < K; ++q) {
           if (jr == 0 && jq >= 0 && jq < g.Wo) {
             const int t = p * K + q;
-            weighted_tap<T, V>(acc, gorow + jq * A.ss.w, static_cast<acc_t>(hrow[jq * A.hs.w + t]), mp, ap, t);
+            weighted_tap<T, V>(acc, gorow + jq * A.ss.w, static_cast<acc_t>(load(hrow + (jq * A.hs.w + t))), mp, ap, t);
           }
           jq -= g.d_div_s;
           jr -= g.d_mod_s;
@@ -310,19 +318,19 @@ constexpr int kMaxPairs = kAttnThreads * kPairsPerThread;
 template <typename T>
 struct AttnGhostArgs {
   Geo g;
-  const T* go;
+  Global<const T> go;
   Strides gos;
-  const T* x;
+  Global<const T> x;
   Strides xs;
-  const T* h;  // needed for grad_mul only
+  Global<const T> h;  // needed for grad_mul only
   AttnStrides hs;
-  const acc_of<T>* m;  // weights the attention gradient; null: 1
+  Global<const acc_of<T>> m;  // weights the attention gradient; null: 1
   int64_t m_b;
   // Outputs; null when not asked for.
-  T* gh;                // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
-  acc_of<T>* gh_part;   // [channel chunks, B, Ho, Wo, G, K*K], when they are several
-  acc_of<T>* part_mul;  // [B * tiles, K*K, C] ghost partial sums
-  acc_of<T>* part_add;
+  Global<T> gh;                // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
+  Global<acc_of<T>> gh_part;   // [channel chunks, B, Ho, Wo, G, K*K], when they are several
+  Global<acc_of<T>> part_mul;  // [B * tiles, K*K, C] ghost partial sums
+  Global<acc_of<T>> part_add;
   // Work split.
   int tiles;        // tiles per image
   int tile_pixels;  // pixels per tile (the last one may have fewer)
@@ -350,8 +358,12 @@ struct StepPixel {
 
 // Shared memory of one block: P step pixels, then P * CVB * TB weighted sums.
 template <typename T>
+ELSA_HD int64_t attn_ghost_shared_sums(const AttnGhostArgs<T>& A) {
+  return int64_t(A.P) * A.CVB * A.TB;
+}
+template <typename T>
 ELSA_HD int64_t attn_ghost_shared_bytes(const AttnGhostArgs<T>& A) {
-  return int64_t(A.P) * sizeof(StepPixel) + int64_t(A.P) * A.CVB * A.TB * sizeof(acc_of<T>);
+  return int64_t(A.P) * sizeof(StepPixel) + attn_ghost_shared_sums(A) * sizeof(acc_of<T>);
 }
 
 template <typename T>
@@ -374,9 +386,12 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
   const int pix0 = tile * A.tile_pixels;
   const int pix1 = pix0 + A.tile_pixels < g.Ho * g.Wo ? pix0 + A.tile_pixels : g.Ho * g.Wo;
   const int cv_in_group = g.cpg / V;
-  StepPixel* s_pix = reinterpret_cast<StepPixel*>(blk.shared());
-  acc_t* s_sum = reinterpret_cast<acc_t*>(s_pix + A.P);
-  const bool need_attn = A.gh || A.gh_part, need_mul = A.part_mul, need_add = A.part_add;
+  const int64_t shared_bytes = attn_ghost_shared_bytes(A);
+  const Shared<StepPixel> s_pix = shared_region<StepPixel>(blk.shared(), shared_bytes, 0, A.P, "step pixels");
+  const Shared<acc_t> s_sum = shared_region<acc_t>(blk.shared(), shared_bytes, int64_t(A.P) * sizeof(StepPixel),
+                                                   attn_ghost_shared_sums(A), "weighted sums");
+  const bool need_attn = A.gh != nullptr || A.gh_part != nullptr;
+  const bool need_mul = A.part_mul != nullptr, need_add = A.part_add != nullptr;
 
   blk.threads([&](int tid, Thread& th) {
     ELSA_UNROLL
@@ -418,7 +433,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
           sp.h = b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
           sp.pix = pix;
         }
-        s_pix[tid] = sp;
+        store(s_pix + tid, sp);
       }
     });
     blk.sync();
@@ -429,7 +444,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
         if (!th.live[k]) continue;
         const int e = tid + k * kAttnThreads;
         for (int n = 0; n < A.P; ++n) {
-          const StepPixel& sp = s_pix[n];
+          const StepPixel& sp = ref(s_pix + n);
           const int y = sp.ys + th.dy[k], xx = sp.xs + th.dx[k];
           acc_t weighted = 0;
           if (sp.pix >= 0 && y >= 0 && y < g.H && xx >= 0 && xx < g.W) {
@@ -437,7 +452,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
             load_vec<T, V>(A.go + sp.go + th.c[k], gv);
             load_vec<T, V>(A.x + sp.x + th.x_off[k], xv);
             acc_t w = 0;
-            if constexpr (kMul) w = static_cast<acc_t>(A.h[sp.h + th.t[k]]);
+            if constexpr (kMul) w = static_cast<acc_t>(load(A.h + (sp.h + th.t[k])));
             ELSA_UNROLL
             for (int e2 = 0; e2 < V; ++e2) {
               const acc_t prod = gv[e2] * xv[e2];
@@ -446,7 +461,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
               if constexpr (kMul) th.sum_mul[k][e2] += prod * w;
             }
           }
-          s_sum[n * npairs + e] = weighted;
+          store(s_sum + (n * npairs + e), weighted);
         }
       }
     };
@@ -462,19 +477,20 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
     if (need_attn) {
       blk.threads([&](int tid, Thread&) {
         for (int n = 0; n < A.P; ++n) {
-          if (s_pix[n].pix < 0) continue;
-          const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + s_pix[n].pix) * g.G + grp;
+          const int pix = ref(s_pix + n).pix;
+          if (pix < 0) continue;
+          const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + pix) * g.G + grp;
           for (int tl = tid; tl < A.TB; tl += kAttnThreads) {
             const int t = tc * A.TB + tl;
             if (t >= KK) break;
             acc_t total = 0;
-            const acc_t* sums = s_sum + n * npairs + tl * A.CVB;
-            for (int cvl = 0; cvl < A.CVB; ++cvl) total += sums[cvl];
+            const Shared<acc_t> sums = s_sum + (n * npairs + tl * A.CVB);
+            for (int cvl = 0; cvl < A.CVB; ++cvl) total += load(sums + cvl);
             if (A.gh) {
-              A.gh[out_pix * KK + t] = static_cast<T>(total);
+              store(A.gh + (out_pix * KK + t), static_cast<T>(total));
             } else {
               const int64_t numel = int64_t(g.B) * g.Ho * g.Wo * g.G * KK;
-              A.gh_part[cc * numel + out_pix * KK + t] = total;
+              store(A.gh_part + (cc * numel + out_pix * KK + t), total);
             }
           }
         }
@@ -491,8 +507,8 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
         const int64_t at = (int64_t(tile_index) * KK + th.t[k]) * g.C + th.c[k];
         ELSA_UNROLL
         for (int e2 = 0; e2 < V; ++e2) {
-          if (need_mul) A.part_mul[at + e2] = th.sum_mul[k][e2];
-          if (need_add) A.part_add[at + e2] = th.sum_add[k][e2];
+          if (need_mul) store(A.part_mul + (at + e2), th.sum_mul[k][e2]);
+          if (need_add) store(A.part_add + (at + e2), th.sum_add[k][e2]);
         }
       }
     });
@@ -503,8 +519,8 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
 // kernel, the tiles of image u for a per-image one), in tile order. One item per (u, t, c), c fastest.
 template <typename A>
 struct GhostReduceArgs {
-  const A* part;  // [units * tiles_per_unit, K*K, C]
-  A* out;         // [units, C, K*K]
+  Global<const A> part;  // [units * tiles_per_unit, K*K, C]
+  Global<A> out;         // [units, C, K*K]
   int64_t units, tiles_per_unit, KK, C;
 };
 
@@ -513,16 +529,16 @@ ELSA_HD void ghost_reduce_item(const GhostReduceArgs<A>& R, int64_t item) {
   const int64_t table = R.KK * R.C;
   const int64_t u = item / table, rest = item - u * table, t = rest / R.C, c = rest - t * R.C;
   A total = 0;
-  const A* p = R.part + u * R.tiles_per_unit * table + t * R.C + c;
-  for (int64_t k = 0; k < R.tiles_per_unit; ++k) total += p[k * table];
-  R.out[u * table + c * R.KK + t] = total;
+  const Global<const A> p = R.part + (u * R.tiles_per_unit * table + t * R.C + c);
+  for (int64_t k = 0; k < R.tiles_per_unit; ++k) total += load(p + k * table);
+  store(R.out + (u * table + c * R.KK + t), total);
 }
 
 // Attention gradient of heads split into several channel chunks: the chunks' partials summed in order.
 template <typename T>
 struct ChunkSumArgs {
-  const acc_of<T>* part;  // [chunks, numel]
-  T* out;
+  Global<const acc_of<T>> part;  // [chunks, numel]
+  Global<T> out;
   int64_t numel;
   int chunks;
 };
@@ -530,8 +546,8 @@ struct ChunkSumArgs {
 template <typename T>
 ELSA_HD void attn_chunk_sum_item(const ChunkSumArgs<T>& S, int64_t item) {
   acc_of<T> total = 0;
-  for (int k = 0; k < S.chunks; ++k) total += S.part[k * S.numel + item];
-  S.out[item] = static_cast<T>(total);
+  for (int k = 0; k < S.chunks; ++k) total += load(S.part + (k * S.numel + item));
+  store(S.out + item, static_cast<T>(total));
 }
 
 }  // namespace elsa_op::gpu

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../elsa_common.h"
 #include "kernels.cuh"
@@ -155,9 +156,27 @@ Geo make_geo(const Geometry<int64_t>& g) {
              int(g.dilation % g.stride)};
 }
 
-template <typename A>
-inline const A* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+// What the kernels get for a tensor (null for an undefined one): its data pointer on the GPU. In the CPU
+// emulation (ELSA_CHECK_ACCESS) a pointer that carries the tensor's storage and view, against which every
+// access of the kernels is checked (access.h); `name` says which tensor a failed check was about.
+template <typename T>
+Global<T> global_ptr(const at::Tensor& t, const char* name) {
+  if (!t.defined()) return nullptr;
+  using U = std::remove_const_t<T>;
+  T* p;
+  if constexpr (std::is_const_v<T>) {
+    p = t.const_data_ptr<U>();
+  } else {
+    p = t.mutable_data_ptr<U>();
+  }
+#ifdef ELSA_CHECK_ACCESS
+  const auto& s = t.storage();
+  return Global<T>(p, access::watch(name, s.data(), int64_t(s.nbytes()), p, int64_t(t.element_size()), t.sizes().vec(),
+                                    t.strides().vec()));
+#else
+  (void)name;
+  return p;
+#endif
 }
 inline int64_t table_batch_stride(const at::Tensor& t, const Geometry<int64_t>& g) {
   return t.defined() && t.size(0) > 1 ? g.taps() * g.C : 0;
@@ -179,9 +198,12 @@ at::Tensor gather_impl(Runner& run, const Geometry<int64_t>& g, const at::Tensor
       using A = acc_of<T>;
       const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
       const GatherArgs<T> args{
-          make_geo<V>(g),           src.const_data_ptr<T>(),   strides_of(src),          h.const_data_ptr<T>(),
-          attn_strides_of(h),       ptr_or_null<A>(m),         table_batch_stride(m, g), ptr_or_null<A>(a),
-          table_batch_stride(a, g), dst.mutable_data_ptr<T>(), strides_of(dst)};
+          make_geo<V>(g),           global_ptr<const T>(src, kGradFeatures ? "grad_out" : "features"),
+          strides_of(src),          global_ptr<const T>(h, "attention"),
+          attn_strides_of(h),       global_ptr<const A>(m, "ghost_mul table"),
+          table_batch_stride(m, g), global_ptr<const A>(a, "ghost_add table"),
+          table_batch_stride(a, g), global_ptr<T>(dst, kGradFeatures ? "grad features" : "output"),
+          strides_of(dst)};
       run.template gather<T, KT, V, kGradFeatures>(args, int(g.B * rows));
     });
   }
@@ -264,21 +286,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   dispatch(x.scalar_type(), g.K, V > 1, [&]<typename T, int KT, int VV>() {
     using A = acc_of<T>;
     const auto m = need_attn ? ghost_table(ghost_mul, g, acc, VV) : at::Tensor();
-    auto mut = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<A>() : nullptr; };
     AttnGhostArgs<T> args{};
     args.g = make_geo<VV>(g);
-    args.go = go.const_data_ptr<T>();
+    args.go = global_ptr<const T>(go, "grad_out");
     args.gos = strides_of(go);
-    args.x = x.const_data_ptr<T>();
+    args.x = global_ptr<const T>(x, "features");
     args.xs = strides_of(x);
-    args.h = need_mul ? h.const_data_ptr<T>() : nullptr;
+    args.h = need_mul ? global_ptr<const T>(h, "attention") : Global<const T>(nullptr);
     args.hs = need_mul ? attn_strides_of(h) : AttnStrides{};
-    args.m = ptr_or_null<A>(m);
+    args.m = global_ptr<const A>(m, "ghost_mul table");
     args.m_b = table_batch_stride(m, g);
-    args.gh = need_attn && plan.c_chunks == 1 ? gh.mutable_data_ptr<T>() : nullptr;
-    args.gh_part = mut(gh_part);
-    args.part_mul = mut(part_mul);
-    args.part_add = mut(part_add);
+    args.gh = need_attn && plan.c_chunks == 1 ? global_ptr<T>(gh, "grad attention") : Global<T>(nullptr);
+    args.gh_part = global_ptr<A>(gh_part, "grad attention partials");
+    args.part_mul = global_ptr<A>(part_mul, "ghost_mul partials");
+    args.part_add = global_ptr<A>(part_add, "ghost_add partials");
     args.tiles = plan.tiles;
     args.tile_pixels = plan.tile_pixels;
     args.P = plan.P;
@@ -287,15 +308,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
     args.c_chunks = plan.c_chunks;
     if (tiles > 0) run.template attn_ghost<T, KT, VV>(args, int(tiles));
     if (gh_part.defined() && gh.numel() > 0)
-      run.template chunk_sum<T>(
-          ChunkSumArgs<T>{gh_part.const_data_ptr<A>(), gh.mutable_data_ptr<T>(), gh.numel(), plan.c_chunks});
+      run.template chunk_sum<T>(ChunkSumArgs<T>{global_ptr<const A>(gh_part, "grad attention partials"),
+                                                global_ptr<T>(gh, "grad attention"), gh.numel(), plan.c_chunks});
     for (auto [need, batched, part, out] :
          {std::tuple{need_mul, mul_batched, &part_mul, &gm}, std::tuple{need_add, add_batched, &part_add, &ga}}) {
       if (!need) continue;
       const int64_t units = batched ? g.B : 1;
       // (An empty batch has no tiles: a broadcast kernel's gradient is then a sum of nothing, 0.)
-      const GhostReduceArgs<A> r{tiles > 0 ? part->template const_data_ptr<A>() : nullptr,
-                                 out->template mutable_data_ptr<A>(),
+      const GhostReduceArgs<A> r{tiles > 0 ? global_ptr<const A>(*part, "ghost partials") : Global<const A>(nullptr),
+                                 global_ptr<A>(*out, "ghost gradient"),
                                  units,
                                  batched ? plan.tiles : tiles,
                                  g.taps(),
