@@ -35,6 +35,12 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("config")
     parser.add_argument("--amp", action="store_true", help="mixed precision (the ELSA configs already use it)")
     parser.add_argument("--resume", nargs="?", const="auto", help="resume from a checkpoint, or the latest one")
+    parser.add_argument(
+        "--auto-scale-lr",
+        action="store_true",
+        help="scale the learning rate by the images per step (GPUs x images per GPU) over the config's "
+        "auto_scale_lr.base_batch_size, the batch its learning rate was set for",
+    )
     _add_common(parser)
     return parser
 
@@ -124,6 +130,16 @@ def train(cfg: Config, args: argparse.Namespace) -> None:
         value = (cfg.get("train_cfg") or {}).get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SystemExit(f"error: train_cfg.{key}={value!r}: it must be a whole number of at least 1")
+    if getattr(args, "auto_scale_lr", False):
+        # mmengine's Runner does the scaling (world size x train_dataloader.batch_size / base_batch_size).
+        auto = cfg.get("auto_scale_lr")
+        base = auto.get("base_batch_size") if isinstance(auto, dict) else None
+        if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+            raise SystemExit(
+                f"error: --auto-scale-lr: {args.config} has no auto_scale_lr = dict(base_batch_size=...), "
+                "the batch its learning rate was set for"
+            )
+        auto.enable = True
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Evaluate a segmentor: python tools/test.py CONFIG CHECKPOINT [--aug-test] --eval mIoU"""
 
+import argparse
+from collections.abc import Sequence
+
 from elsa_mm.tools import check_metrics, load_config, test, test_parser
 
 METRICS = ("mIoU", "mDice", "mFscore")
 
 
-def add_aug_test(parser):
+def add_aug_test(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--aug-test",
         action="store_true",
@@ -14,15 +17,22 @@ def add_aug_test(parser):
     )
 
 
-if __name__ == "__main__":
+def main(argv: Sequence[str] | None = None) -> dict:
     args = test_parser(
         f"metrics to compute, any of {', '.join(METRICS)} (default: the config's)", add_aug_test
-    ).parse_args()
+    ).parse_args(argv)
     cfg = load_config(args)
     if args.eval:
         cfg.test_evaluator.iou_metrics = check_metrics(args.eval, METRICS)
     if args.aug_test:
+        # What mmseg's own tools/test.py --tta does.
+        if not cfg.get("tta_pipeline") or not cfg.get("tta_model"):
+            raise SystemExit(f"error: --aug-test: {args.config} has no tta_pipeline and tta_model")
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
-    test(cfg, args)
+    return test(cfg, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -63,11 +63,16 @@ elsa_optim_wrapper = dict(
     ),
 )
 
+# The original's warm-up (mmdet 2's schedule_1x.py: linear, 500 iterations, ratio 0.001): at iteration t < 500
+# the learning rate is 0.001 + 0.999 * t / 500 of its value, and whole from iteration 500 on. mmengine's
+# LinearLR reaches its end factor at iteration end - 1, hence end=501. Then x0.1 at epochs 8, 11 (1x) or
+# 27, 33 (3x).
+elsa_warmup = dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=501)
 elsa_schedule_1x = [
-    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    elsa_warmup,
     dict(type="MultiStepLR", begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
 ]
 elsa_schedule_3x = [
-    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    elsa_warmup,
     dict(type="MultiStepLR", begin=0, end=36, by_epoch=True, milestones=[27, 33], gamma=0.1),
 ]

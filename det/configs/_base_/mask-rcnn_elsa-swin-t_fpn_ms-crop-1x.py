@@ -5,3 +5,6 @@ train_dataloader = dict(dataset=dict(pipeline={{_base_.elsa_train_pipeline}}))
 optim_wrapper = {{_base_.elsa_optim_wrapper}}
 train_cfg = dict(max_epochs=12)
 param_scheduler = {{_base_.elsa_schedule_1x}}
+# The published models were trained with 16 images per step (8 GPUs x 2): on fewer GPUs, --auto-scale-lr
+# scales the learning rate by (GPUs x 2) / 16.
+auto_scale_lr = dict(enable=False, base_batch_size=16)

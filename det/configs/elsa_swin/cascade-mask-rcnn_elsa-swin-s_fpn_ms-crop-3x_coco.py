@@ -1,5 +1,5 @@
 # Cascade Mask R-CNN with ELSA-Swin-S, 3x schedule, COCO (the published model: 110M parameters).
 _base_ = "../_base_/cascade-mask-rcnn_elsa-swin-t_fpn_ms-crop-1x.py"
-model = dict(backbone=dict(depths=[2, 2, 18, 2], group_width=8, drop_path_rate=0.3))
+model = dict(backbone=dict(depths=[2, 2, 18, 2], group_width=8, drop_path_rate=0.75))
 train_cfg = dict(max_epochs=36)
 param_scheduler = {{_base_.elsa_schedule_3x}}

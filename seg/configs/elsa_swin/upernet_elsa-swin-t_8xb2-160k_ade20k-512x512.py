@@ -1,6 +1,6 @@
 # UPerNet with ELSA-Swin-T, 512x512 crops, 160k iterations, ADE20K (150 classes). The recipe is
 # Swin's (mmseg's config this inherits): AdamW lr 6e-5 / wd 0.01 without decay on norms and position
-# tables, poly schedule after 1500 linear warm-up iterations, 2 images per GPU, FCN auxiliary head on stage 3.
+# tables, 2 images per GPU, FCN auxiliary head on stage 3.
 _base_ = "mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py"
 custom_imports = dict(imports=["elsa_mm"], allow_failed_imports=False)
 # Checkpoints that torch.load(weights_only=True) reads, with mmseg's own tools too.
@@ -21,3 +21,39 @@ model = dict(
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150),
 )
+# The original's schedule (mmcv's poly with a linear warm-up): the learning rate at iteration t is
+# 6e-5 * (1 - t / 160000) times the warm-up factor 1e-6 + (1 - 1e-6) * t / 1500 for t < 1500. Both schedulers
+# run from iteration 0 and multiply; mmengine's reach their end value at iteration end - 1, hence 1501 and
+# 160001. (mmseg's Swin config starts the poly decay at iteration 1500 instead.)
+param_scheduler = [
+    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=1501),
+    dict(type="PolyLR", eta_min=0.0, power=1.0, begin=0, end=160001, by_epoch=False),
+]
+# The published models were trained with 16 images per step (8 GPUs x 2): on fewer GPUs, --auto-scale-lr
+# scales the learning rate by (GPUs x 2) / 16.
+auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# Multi-scale + flip testing (tools/test.py --aug-test, or mmseg's --tta) as the original ran it, with
+# MultiScaleFlipAug(img_scale=(2048, 512), img_ratios=...): at each ratio r the image is resized, keeping
+# its aspect ratio, to the largest size that fits (2048 r, 512 r). (mmseg's own ade20k tta_pipeline
+# rescales the raw image by r instead, which agrees only for images whose short side is already 512.)
+tta_img_scale = (2048, 512)
+tta_img_ratios = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+tta_pipeline = [
+    dict(type="LoadImageFromFile", backend_args=None),
+    dict(
+        type="TestTimeAug",
+        transforms=[
+            [
+                dict(type="Resize", scale=(int(tta_img_scale[0] * r), int(tta_img_scale[1] * r)), keep_ratio=True)
+                for r in tta_img_ratios
+            ],
+            [
+                dict(type="RandomFlip", prob=0.0, direction="horizontal"),
+                dict(type="RandomFlip", prob=1.0, direction="horizontal"),
+            ],
+            [dict(type="LoadAnnotations")],
+            [dict(type="PackSegInputs")],
+        ],
+    ),
+]
