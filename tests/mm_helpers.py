@@ -1,10 +1,14 @@
-"""Running det/ and seg/ tools in a subprocess on a small config, and reading the Runner's logs."""
+"""det/ and seg/ test helpers: running the tools (in a subprocess, or their main() in this process) on a
+small config, reading the Runner's logs, building a config's model, the published model sizes."""
 
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,11 +20,16 @@ def run_tool(project: str, args, timeout=1500):
     )
 
 
-def losses(work_dir: Path):
-    """Training losses in logging order from the Runner's scalars.json."""
+def scalars(work_dir: Path, key: str) -> list:
+    """The values of one logged scalar ("loss", "lr", ...) in logging order, from the Runner's scalars.json."""
     files = sorted(work_dir.glob("*/vis_data/scalars.json"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r[key] for r in rows if key in r]
+
+
+def losses(work_dir: Path):
+    """Training losses in logging order from the Runner's scalars.json."""
+    return scalars(work_dir, "loss")
 
 
 def falling(values) -> bool:
@@ -44,3 +53,62 @@ def run_upstream(package: str, tool: str, args, cwd: Path, timeout=1500):
         text=True,
         timeout=timeout,
     )
+
+
+def load_tool(project: str, name: str) -> ModuleType:
+    """det/ or seg/ tools/<name>.py as a module, to call its ``main(argv)`` in this process."""
+    path = REPO / project / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"elsa_{project}_tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The published models' sizes in millions (the original's README): Mask R-CNN T/S 49M/72M, Cascade Mask
+# R-CNN T/S 86M/110M, UPerNet T/S 61M/85M. The ELSA-Swin-B UPerNet is ours (126M), not published.
+PUBLISHED_MPARAMS = {
+    "mask-rcnn_elsa-swin-t": 49,
+    "mask-rcnn_elsa-swin-s": 72,
+    "cascade-mask-rcnn_elsa-swin-t": 86,
+    "cascade-mask-rcnn_elsa-swin-s": 110,
+    "upernet_elsa-swin-t": 61,
+    "upernet_elsa-swin-s": 85,
+    "upernet_elsa-swin-b": 126,
+}
+
+
+def published_mparams(config: Path) -> int:
+    """The published size (millions of parameters) of the model a det/seg config builds."""
+    return PUBLISHED_MPARAMS[config.stem.split("_fpn")[0].split("_8xb2")[0]]
+
+
+def build_model(config: Path, cfg=None):
+    """The model of a det/ or seg/ config, built on the meta device (no memory, no init). Returns
+    (cfg, model)."""
+    import torch
+    from mmengine.config import Config
+
+    cfg = cfg if cfg is not None else Config.fromfile(str(config))
+    package = "mmdet" if REPO / "det" in config.parents else "mmseg"
+    registry = importlib.import_module(f"{package}.registry")
+    importlib.import_module(f"{package}.utils").register_all_modules()
+    with torch.device("meta"):
+        model = registry.MODELS.build(cfg.model)
+    return cfg, model
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tool_error(project: str, name: str, argv) -> str:
+    """Run a det/ or seg/ tool's main(argv) in this process where it must refuse its input; returns the
+    one-line message it exits with."""
+    import pytest
+
+    tool = load_tool(project, name)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([str(a) for a in argv])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message

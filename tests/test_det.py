@@ -10,7 +10,21 @@ mmdet = pytest.importorskip("mmdet")
 
 from conftest import DATA  # noqa: E402
 from mm_data import CLASSES, write_coco  # noqa: E402
-from mm_helpers import REPO, falling, losses, run_tool, run_upstream  # noqa: E402
+from mm_helpers import (  # noqa: E402
+    REPO,
+    build_model,
+    falling,
+    load_tool,
+    losses,
+    num_params,
+    published_mparams,
+    run_tool,
+    run_upstream,
+    scalars,
+    tool_error,
+)
+
+pytestmark = pytest.mark.mm
 
 CONFIGS = sorted((REPO / "det" / "configs" / "elsa_swin").glob("*.py"))
 # README: the dense backbone reproduces the original's feature maps within this.
@@ -76,24 +90,11 @@ def test_backbone_loads_classification_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(config):
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
-
-    register_all_modules()
-    cfg = Config.fromfile(str(config))
+    cfg, model = build_model(config)
     assert cfg.model.backbone.type == "ELSASwin"
     assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 1e-4
-    with torch.device("meta"):
-        model = MODELS.build(cfg.model)
     # the published models' sizes (README): Mask R-CNN T/S 49M/72M, Cascade Mask R-CNN T/S 86M/110M
-    expected = {
-        "mask-rcnn_elsa-swin-t": 49,
-        "mask-rcnn_elsa-swin-s": 72,
-        "cascade-mask-rcnn_elsa-swin-t": 86,
-        "cascade-mask-rcnn_elsa-swin-s": 110,
-    }[config.stem.split("_fpn")[0]]
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == expected
+    assert round(num_params(model) / 1e6) == published_mparams(config)
 
 
 SMALL = """
@@ -188,9 +189,13 @@ def test_mmdet_own_tools_train_and_test_our_config(tmp_path):
     config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
     work = tmp_path / "work"
     two_classes = ["--cfg-options", "model.roi_head.bbox_head.num_classes=2", "model.roi_head.mask_head.num_classes=2"]
-    r = run_upstream("mmdet", "train.py", [str(config), "--work-dir", str(work), *two_classes], cwd=tmp_path)
+    # --auto-scale-lr: the config's lr (2e-4 here) was set for 16 images per step, this run takes 2
+    r = run_upstream(
+        "mmdet", "train.py", [str(config), "--work-dir", str(work), "--auto-scale-lr", *two_classes], cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert len(losses(work)) == 4
+    assert scalars(work, "lr")[-1] == pytest.approx(2e-4 * 2 / 16)
     r = run_upstream(
         "mmdet",
         "test.py",
@@ -201,18 +206,17 @@ def test_mmdet_own_tools_train_and_test_our_config(tmp_path):
     assert "coco/bbox_mAP" in r.stdout + r.stderr
 
 
-def test_test_refuses_a_checkpoint_of_another_model(tmp_path):
+def test_test_refuses_a_checkpoint_of_another_model(tmp_path, monkeypatch):
     """A checkpoint that does not hold the detector's weights is refused, not tested with random heads."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
     from elsa_mm import ELSASwin
 
     other = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4)
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "other.pth")
-    r = run_tool("det", ["tools/test.py", str(config), str(tmp_path / "other.pth"), "--work-dir", str(tmp_path / "w")])
-    assert r.returncode != 0
-    assert f"error: {tmp_path / 'other.pth'} does not fit the model of" in r.stderr.strip().splitlines()[-1], r.stderr[
-        -3000:
-    ]
+    message = tool_error("det", "test", [config, tmp_path / "other.pth", "--work-dir", tmp_path / "w"])
+    assert message.startswith(f"error: {tmp_path / 'other.pth'} does not fit the model of"), message
 
 
 def test_original_detector_checkpoint_maps_onto_the_backbone():
@@ -236,20 +240,23 @@ def test_original_detector_checkpoint_maps_onto_the_backbone():
         torch.testing.assert_close(got, want, rtol=0, atol=DENSE_ATOL)
 
 
-def test_bad_inputs(tmp_path):
-    r = run_tool("det", ["tools/train.py", str(tmp_path / "nope.py")])
-    assert r.returncode != 0 and "config file" in r.stderr and "does not exist" in r.stderr
+def test_bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    message = tool_error("det", "train", [tmp_path / "nope.py"])
+    assert "config file" in message and "does not exist" in message
     config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
-    (tmp_path / "coco" / "train.json").unlink()
-    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w")])
-    assert r.returncode != 0 and "train.json" in r.stderr
-    r = run_tool("det", ["tools/test.py", str(config), str(tmp_path / "missing.pth"), "--eval", "bbox"])
-    assert r.returncode != 0 and "missing.pth does not exist" in r.stderr
-    r = run_tool(
-        "det",
-        ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"), "--cfg-options", "train_cfg.max_epochs=-1"],
+    message = tool_error("det", "test", [config, tmp_path / "missing.pth", "--eval", "bbox"])
+    assert "missing.pth does not exist" in message
+    message = tool_error("det", "test", [config, tmp_path / "missing.pth", "--eval", "bbox", "mIoU"])
+    assert message == "error: --eval mIoU: the evaluator knows bbox, segm, proposal"
+    message = tool_error(
+        "det", "train", [config, "--work-dir", tmp_path / "w", "--cfg-options", "train_cfg.max_epochs=-1"]
     )
-    assert r.returncode != 0 and "error: train_cfg.max_epochs=-1" in r.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: train_cfg.max_epochs=-1")
+    (tmp_path / "coco" / "train.json").unlink()
+    with pytest.raises(FileNotFoundError, match="train.json"):
+        load_tool("det", "train").main([str(config), "--work-dir", str(tmp_path / "w")])
 
 
 def test_pretrained_option_and_frozen_stages(tmp_path):
@@ -319,11 +326,45 @@ def test_mmengine_checkpoints_are_written_atomically(tmp_path, monkeypatch, full
     assert [p.name for p in tmp_path.iterdir()] == ["iter_2.pth"]
 
 
-def test_resume_from_a_partial_checkpoint_is_one_line(tmp_path):
+def test_resume_from_a_partial_checkpoint_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
     config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
     partial = tmp_path / "iter_2.pth"
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, partial)
     partial.write_bytes(partial.read_bytes()[:300])
-    r = run_tool("det", ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"), "--resume", str(partial)])
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {partial} is truncated"), r.stderr[-2000:]
+    message = tool_error("det", "train", [config, "--work-dir", tmp_path / "w", "--resume", partial])
+    assert message.startswith(f"error: checkpoint {partial} is truncated"), message
+
+
+def test_train_auto_scale_lr_hands_the_runner_the_published_batch(tmp_path, monkeypatch):
+    """--auto-scale-lr turns on the config's auto_scale_lr (base 16 images = 8 GPUs x 2), which mmengine's
+    Runner applies; a config without one is refused."""
+    import elsa_mm.tools
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    seen = []
+
+    class Runner:
+        @staticmethod
+        def from_cfg(cfg):
+            seen.append(cfg)
+            return Runner()
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(elsa_mm.tools, "Runner", Runner)
+    config = REPO / "det" / "configs" / "elsa_swin" / "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"
+    train = load_tool("det", "train")
+    train.main([str(config), "--work-dir", str(tmp_path / "w")])
+    train.main([str(config), "--work-dir", str(tmp_path / "w"), "--auto-scale-lr"])
+    assert [cfg.auto_scale_lr for cfg in seen] == [
+        dict(enable=False, base_batch_size=16),
+        dict(enable=True, base_batch_size=16),
+    ]
+    bare = tmp_path / "bare.py"
+    bare.write_text(f"_base_ = '{config}'\nauto_scale_lr = None\n")
+    message = tool_error("det", "train", [bare, "--auto-scale-lr"])
+    assert message.startswith(f"error: --auto-scale-lr: {bare} has no auto_scale_lr"), message

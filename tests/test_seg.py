@@ -8,30 +8,49 @@ import torch
 mmseg = pytest.importorskip("mmseg")
 
 from mm_data import SEG_CLASSES, write_ade  # noqa: E402
-from mm_helpers import REPO, falling, losses, run_tool, run_upstream  # noqa: E402
+from mm_helpers import (  # noqa: E402
+    REPO,
+    build_model,
+    falling,
+    load_tool,
+    losses,
+    num_params,
+    published_mparams,
+    run_tool,
+    run_upstream,
+    scalars,
+    tool_error,
+)
+
+pytestmark = pytest.mark.mm
 
 CONFIGS = sorted((REPO / "seg" / "configs" / "elsa_swin").glob("*.py"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(config):
-    from mmengine.config import Config
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    register_all_modules()
-    cfg = Config.fromfile(str(config))
+    cfg, model = build_model(config)
     assert cfg.model.backbone.type == "ELSASwin"
     assert cfg.optim_wrapper.optimizer.lr == 6e-5 and cfg.optim_wrapper.optimizer.weight_decay == 0.01
-    assert cfg.train_cfg.max_iters == 160000 and cfg.param_scheduler[0].end == 1500
+    assert cfg.train_cfg.max_iters == 160000 and cfg.param_scheduler[0].end == 1501
     assert cfg.train_dataloader.batch_size == 2 and cfg.model.auxiliary_head.in_index == 2
     assert cfg.model.decode_head.num_classes == 150
-    with torch.device("meta"):
-        model = MODELS.build(cfg.model)
     # the published models' sizes (README): UPerNet T/S 61M/85M (B: 126M, not published)
-    expected = {"t": 61, "s": 85, "b": 126}[config.stem.split("elsa-swin-")[1][0]]
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == expected
+    assert round(num_params(model) / 1e6) == published_mparams(config)
 
+
+SMALL_TTA = """
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug', transforms=[
+        [dict(type='Resize', scale_factor=r, keep_ratio=True) for r in (0.5, 1.0, 1.5)],
+        [dict(type='RandomFlip', prob=0., direction='horizontal'),
+         dict(type='RandomFlip', prob=1., direction='horizontal')],
+        [dict(type='LoadAnnotations', reduce_zero_label=True)],
+        [dict(type='PackSegInputs')],
+    ]),
+]
+"""
 
 SMALL = """
 _base_ = '{config}'
@@ -57,17 +76,7 @@ test_pipeline = [
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
 ]
-tta_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='TestTimeAug', transforms=[
-        [dict(type='Resize', scale_factor=r, keep_ratio=True) for r in (0.5, 1.0, 1.5)],
-        [dict(type='RandomFlip', prob=0., direction='horizontal'),
-         dict(type='RandomFlip', prob=1., direction='horizontal')],
-        [dict(type='LoadAnnotations', reduce_zero_label=True)],
-        [dict(type='PackSegInputs')],
-    ]),
-]
-train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
+{tta}train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
     data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
     data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
 val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False, dataset=dict(
@@ -81,7 +90,9 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(by_epoch=False, in
 """
 
 
-def small_config(tmp_path: Path, iters: int = 12, ckpt: int = 6) -> Path:
+def small_config(tmp_path: Path, iters: int = 12, ckpt: int = 6, small_tta: bool = True) -> Path:
+    """The tiny UPerNet on small generated ADE20K data; small_tta replaces the config's test-time
+    augmentation (resize to fit 2048 r x 512 r) with rescaling by r, a tenth of the work on 96x80 images."""
     data = write_ade(tmp_path / "ade")
     path = tmp_path / "small_upernet.py"
     path.write_text(
@@ -91,6 +102,7 @@ def small_config(tmp_path: Path, iters: int = 12, ckpt: int = 6) -> Path:
             classes=SEG_CLASSES,
             iters=iters,
             ckpt=ckpt,
+            tta=SMALL_TTA if small_tta else "",
         )
     )
     return path
@@ -122,7 +134,7 @@ def test_train_then_test_with_and_without_tta_then_resume(tmp_path):
 @pytest.mark.slow
 def test_mmseg_own_tools_train_and_test_our_config(tmp_path):
     """Once the project is installed, mmseg's installed tools/train.py and tools/test.py take our configs."""
-    config = small_config(tmp_path, iters=4, ckpt=4)
+    config = small_config(tmp_path, iters=4, ckpt=4, small_tta=False)
     work = tmp_path / "work"
     r = run_upstream("mmseg", "train.py", [str(config), "--work-dir", str(work)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -130,21 +142,54 @@ def test_mmseg_own_tools_train_and_test_our_config(tmp_path):
     r = run_upstream("mmseg", "test.py", [str(config), str(work / "iter_4.pth"), "--work-dir", str(work)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "mIoU" in r.stdout + r.stderr
-
-
-def test_bad_inputs(tmp_path):
-    config = small_config(tmp_path)
-    r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mIoU"])
-    assert r.returncode != 0 and "x.pth does not exist" in r.stderr
-    torch.save({}, tmp_path / "x.pth")
-    r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mAP"])
-    assert r.returncode != 0 and "--eval mAP" in r.stderr
-    r = run_tool("seg", ["tools/test.py", str(config), str(tmp_path / "x.pth"), "--eval", "mIoU"])
-    assert r.returncode != 0 and "x.pth does not fit the model of" in r.stderr.strip().splitlines()[-1], r.stderr[
-        -3000:
-    ]
-    r = run_tool(
-        "seg",
-        ["tools/train.py", str(config), "--work-dir", str(tmp_path / "w"), "--cfg-options", "train_cfg.max_iters=-1"],
+    # --tta with the config's own multi-scale + flip pipeline (the original's scales), on one image
+    r = run_upstream(
+        "mmseg",
+        "test.py",
+        [
+            str(config),
+            str(work / "iter_4.pth"),
+            "--tta",
+            "--work-dir",
+            str(work),
+            "--cfg-options",
+            "test_dataloader.dataset.indices=1",
+        ],
+        cwd=tmp_path,
     )
-    assert r.returncode != 0 and "error: train_cfg.max_iters=-1" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "mIoU" in r.stdout + r.stderr
+
+
+def test_bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    config = small_config(tmp_path)
+    message = tool_error("seg", "test", [config, tmp_path / "x.pth", "--eval", "mIoU"])
+    assert "x.pth does not exist" in message
+    torch.save({}, tmp_path / "x.pth")
+    message = tool_error("seg", "test", [config, tmp_path / "x.pth", "--eval", "mAP"])
+    assert "--eval mAP" in message
+    message = tool_error("seg", "test", [config, tmp_path / "x.pth", "--eval", "mIoU", "--work-dir", tmp_path / "w"])
+    assert "x.pth does not fit the model of" in message
+    message = tool_error(
+        "seg", "train", [config, "--work-dir", tmp_path / "w", "--cfg-options", "train_cfg.max_iters=-1"]
+    )
+    assert message.startswith("error: train_cfg.max_iters=-1")
+    no_tta = tmp_path / "no_tta.py"
+    no_tta.write_text(f"_base_ = '{config}'\ntta_pipeline = None\n")
+    message = tool_error("seg", "test", [no_tta, tmp_path / "x.pth", "--aug-test"])
+    assert message == f"error: --aug-test: {no_tta} has no tta_pipeline and tta_model"
+
+
+def test_train_auto_scale_lr(tmp_path, monkeypatch):
+    """--auto-scale-lr: the config's learning rate (3e-4 in the small config) was set for 16 images per step
+    (8 GPUs x 2); one process with 2 images trains at 2/16 of it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    config = small_config(tmp_path, iters=3, ckpt=3)
+    work = tmp_path / "work"
+    # mmengine keeps one visualizer per name in the process: a name of this run's own sends its scalars here
+    unique = ["--cfg-options", f"visualizer.name=auto_scale_lr_{tmp_path.name}"]
+    load_tool("seg", "train").main([str(config), "--work-dir", str(work), "--auto-scale-lr", *unique])
+    assert scalars(work, "lr")[-1] == pytest.approx(3e-4 * 2 / 16)
