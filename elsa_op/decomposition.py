@@ -2,16 +2,33 @@
 
 ``torch.onnx.export(model, x, path, dynamo=True)`` keeps custom operators as they are unless a
 decomposition for them exists; this module registers one in torch's decomposition table (which the ONNX
-exporter consults, and which eager execution, autograd and ``torch.compile`` do not use), so that plain
-exports of our models work once ``elsa_op`` is imported. The decomposition gathers the K * K taps of every
-output pixel from the zero-padded features with one index, weights them and sums: pad, gather, mul, add,
-reduce-sum.
+exporter consults, and which eager execution, autograd, ``torch.compile`` and AOTInductor do not use), so
+that plain exports of our models work once ``elsa_op`` is imported.
+
+The decomposition is a sum over the K * K taps of the window. For tap (p, q), the zero-padded features
+shifted by the tap's offset are one strided slice of the padded features; they are multiplied by the tap's
+attention (times the multiplicative ghost kernel's tap) and accumulated. An additive ghost kernel shared by
+the batch is a depthwise convolution of the features, added once; a per-image one is added to each tap's
+weight instead (a convolution's group count cannot follow a dynamic batch). At run time it holds the
+padded features, the running sum and one tap's product, so its memory is linear in the features, where
+gathering every tap at once (``F.unfold``) would hold K * K copies of them. Of the forms tried in
+onnxruntime (gathering every tap; per-tap slices in NCHW or NHWC; K taps of a row at a time), this one ran
+fastest.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._decomp import register_decomposition
+
+__all__ = ["elsa_forward_decomposition"]
+
+
+def _tap(padded: Tensor, row: int, col: int, rows: int, cols: int, stride: int) -> Tensor:
+    """The padded features seen from one tap: ``padded[..., row + i * stride, col + j * stride]`` for
+    ``i < rows``, ``j < cols`` (a strided slice of the last two axes, which exporters write as one Slice)."""
+    span_h, span_w = (rows - 1) * stride + 1, (cols - 1) * stride + 1
+    return padded[..., row : row + span_h : stride, col : col + span_w : stride]
 
 
 @register_decomposition(torch.ops.elsa_op.elsa_forward.default)
@@ -24,23 +41,45 @@ def elsa_forward_decomposition(
     dilation: int,
     stride: int,
 ) -> Tensor:
-    """``elsa_op::elsa_forward`` (features [B, C, H, W], h_attn [B, G, K*K, Ho, Wo], ghost kernels
-    [C, K, K] or [B, C, K, K]) in pad / slice / mul / add."""
+    """``elsa_op::elsa_forward`` in pad / slice / mul / add (and a depthwise convolution).
+
+    Args:
+        features (Tensor[B, C, H, W]): the values, in either memory layout.
+        h_attn (Tensor[B, G, K*K, Ho, Wo]): attention per output pixel, shared by the C/G channels of a group.
+        ghost_mul (Tensor[C, K, K] or Tensor[B, C, K, K], optional): multiplicative ghost kernel; None means 1.
+        ghost_add (Tensor[C, K, K] or Tensor[B, C, K, K], optional): additive ghost kernel; None means 0.
+        kernel_size (int): odd window size K.
+        dilation (int): spacing of the window taps.
+        stride (int): output stride; ``Ho = (H - 1) // stride + 1``.
+
+    Returns:
+        Tensor[B, C, Ho, Wo]: the operator's output, in the features' dtype (sums are taken in the
+        promoted dtype of the features and the ghost kernels, as the operator does).
+    """
     B, C, H, W = features.shape
     G, Ho, Wo = h_attn.shape[1], h_attn.shape[3], h_attn.shape[4]
     K, d, s = kernel_size, dilation, stride
     r = K // 2 * d
-    Wp = W + 2 * r
-    # Flat positions in the padded plane of every tap of every output pixel: [K, K, Ho, Wo].
-    taps = torch.arange(K, device=features.device) * d
-    rows = taps[:, None, None, None] + (torch.arange(Ho, device=features.device) * s)[None, None, :, None]
-    cols = taps[None, :, None, None] + (torch.arange(Wo, device=features.device) * s)[None, None, None, :]
-    index = (rows * Wp + cols).reshape(-1)
-    x = F.pad(features, (r, r, r, r)).reshape(B, G, C // G, -1)
-    windows = x.index_select(3, index).reshape(B, G, C // G, K * K, Ho, Wo)
-    weight = h_attn.unsqueeze(2)  # [B, G, 1, K*K, Ho, Wo]: shared by the channels of a group
-    if ghost_mul is not None:
-        weight = weight * ghost_mul.reshape(-1, G, C // G, K * K, 1, 1)
-    if ghost_add is not None:
-        weight = weight + ghost_add.reshape(-1, G, C // G, K * K, 1, 1)
-    return (windows * weight).sum(3).reshape(B, C, Ho, Wo).to(features.dtype)
+    # Channels of a group share the attention: [B, G, C/G, Hp, Wp] features against [B, G, 1, Ho, Wo] taps.
+    padded = F.pad(features, (r, r, r, r)).reshape(B, G, C // G, H + 2 * r, W + 2 * r)
+    mul = ghost_mul.reshape(-1, G, C // G, K * K, 1, 1) if ghost_mul is not None else None
+    add_as_conv = ghost_add is not None and ghost_add.dim() == 3
+    add = ghost_add.reshape(-1, G, C // G, K * K, 1, 1) if ghost_add is not None and not add_as_conv else None
+    out: Tensor | None = None
+    for p in range(K):
+        for q in range(K):
+            t = p * K + q
+            weight = h_attn[:, :, t : t + 1]  # [B, G, 1, Ho, Wo]
+            if mul is not None:
+                weight = weight * mul[:, :, :, t]
+            if add is not None:
+                weight = weight + add[:, :, :, t]
+            term = _tap(padded, p * d, q * d, Ho, Wo, s) * weight
+            out = term if out is None else out + term
+    assert out is not None  # K >= 1
+    result = out.reshape(B, C, Ho, Wo)
+    if add_as_conv:
+        assert ghost_add is not None
+        kernel = ghost_add.reshape(C, 1, K, K).to(result.dtype)
+        result = result + F.conv2d(features.to(result.dtype), kernel, stride=s, padding=r, dilation=d, groups=C)
+    return result.to(features.dtype)

@@ -1,5 +1,6 @@
-"""ONNX: the ELSA op's export decomposition, tools/export_onnx.py, and plain torch.onnx.export of the
-dense backbone, checked with onnxruntime."""
+"""ONNX: the ELSA op's export decomposition (exact, linear memory, every case the op takes, dynamic batch
+and image size), tools/export_onnx.py, and plain torch.onnx.export of the classifier and the dense
+backbone, checked with onnxruntime."""
 
 import re
 import subprocess
@@ -7,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from test_op import make_inputs
+from op_cases import GHOSTS, make_inputs
+from torch.fx.experimental.proxy_tensor import make_fx
 
+import elsa_swin  # noqa: F401
 from elsa_op import elsa_function
 from elsa_op.decomposition import elsa_forward_decomposition
 
@@ -18,22 +22,110 @@ REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # README: onnxruntime agrees with PyTorch within this, in float32
 
 
-@pytest.mark.parametrize(
-    "B,C,H,W,G,K,dilation,stride,ghost",
-    [
-        (2, 6, 7, 9, 3, 3, 2, 2, "broadcast"),
-        (1, 8, 5, 4, 2, 5, 1, 1, "batched"),
-        (2, 4, 9, 9, 1, 7, 3, 3, None),
-        (1, 6, 3, 2, 2, 7, 1, 1, "broadcast"),
-    ],
-)
-def test_decomposition_matches_the_kernels(B, C, H, W, G, K, dilation, stride, ghost):
-    x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, stride=stride, ghost=ghost, grad=False)
+DECOMPOSITION_CASES = [
+    (2, 6, 7, 9, 3, 3, 2, 2, "broadcast", "nchw"),
+    (1, 8, 5, 4, 2, 5, 1, 1, "batched", "channels_last"),
+    (2, 4, 9, 9, 1, 7, 3, 3, None, "nchw"),
+    (1, 6, 3, 2, 2, 7, 1, 1, "broadcast", "channels_last"),
+    (3, 6, 8, 6, 3, 3, 1, 2, "mixed", "nchw"),
+]
+
+
+@pytest.mark.parametrize("B,C,H,W,G,K,dilation,stride,ghost,layout", DECOMPOSITION_CASES)
+def test_decomposition_matches_the_kernels(B, C, H, W, G, K, dilation, stride, ghost, layout):
+    x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, stride=stride, ghost=ghost, layout=layout, grad=False)
     h = h if h.dim() == 5 else h.unsqueeze(1)
     got = elsa_forward_decomposition(x, h, m, a, K, dilation, stride)
     torch.testing.assert_close(
         got, elsa_function(x, h, m, a, kernel_size=K, dilation=dilation, stride=stride), rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("ghost", GHOSTS)
+def test_decomposition_memory_is_linear_in_the_features(ghost):
+    """No intermediate of the decomposition holds the K * K taps at once: the largest is the padded features
+    (the old gather form, like F.unfold, made a K * K times larger one)."""
+    B, C, H, W, G, K = 2, 8, 12, 12, 2, 7
+    x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, ghost=ghost, dtype=torch.float32, grad=False)
+    graph = make_fx(lambda *t: elsa_forward_decomposition(*t, K, 1, 1))(x, h.reshape(B, G, K * K, H, W), m, a)
+    sizes = [
+        n.meta["val"].numel()
+        for n in graph.graph.nodes
+        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+    assert max(sizes) == B * C * (H + K - 1) * (W + K - 1)  # the padded features; K * K * B * C * H * W before
+
+
+class OpModule(torch.nn.Module):
+    """The op between layers that make its inputs from the image, so that one dynamic batch and image size
+    drive every input of the op (the attention is [B, G, K*K, Ho, Wo] with Ho = (H - 1) // stride + 1)."""
+
+    def __init__(self, C: int, G: int, K: int, dilation: int, stride: int, ghost: str | None, channels_last: bool):
+        super().__init__()
+        self.K, self.G, self.dilation, self.stride, self.channels_last = K, G, dilation, stride, channels_last
+        self.values = torch.nn.Conv2d(3, C, 3, padding=1)
+        self.logits = torch.nn.Conv2d(3, G * K * K, 1, stride=stride)
+        shared = torch.nn.Parameter(torch.randn(C, K, K) * 0.5)
+        self.ghost = ghost
+        self.shared = shared if ghost in ("broadcast", "mixed") else None
+        self.per_image = torch.nn.Linear(3, C * K * K) if ghost in ("batched", "mixed") else None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        B, K = image.shape[0], self.K
+        v = self.values(image)
+        if self.channels_last:
+            v = v.contiguous(memory_format=torch.channels_last)
+        logits = self.logits(image)
+        h = logits.reshape(B, self.G, K * K, logits.shape[2], logits.shape[3]).softmax(2)
+        per_image = None
+        if self.per_image is not None:  # a [B, C, K, K] kernel made from each image's mean colour
+            per_image = self.per_image(image.mean((2, 3))).reshape(B, -1, K, K)
+        mul = {"broadcast": self.shared, "batched": per_image, "mixed": self.shared}.get(self.ghost)
+        add = {"broadcast": self.shared, "batched": per_image, "mixed": per_image}.get(self.ghost)
+        return elsa_function(v, h, mul, add, kernel_size=K, dilation=self.dilation, stride=self.stride)
+
+
+@pytest.mark.parametrize(
+    "G,K,dilation,stride,ghost,channels_last",
+    [
+        (2, 3, 1, 1, "broadcast", True),
+        (1, 5, 2, 1, "batched", False),
+        (4, 3, 1, 2, "mixed", False),
+        (2, 7, 1, 1, None, True),
+        (1, 3, 3, 3, "broadcast", False),
+    ],
+)
+def test_the_op_exports_with_dynamic_batch_and_size(tmp_path, G, K, dilation, stride, ghost, channels_last):
+    torch.manual_seed(0)
+    module = OpModule(8, G, K, dilation, stride, ghost, channels_last).eval()
+    batch, height, width = torch.export.Dim("batch", min=1), torch.export.Dim.AUTO, torch.export.Dim.AUTO
+    program = torch.onnx.export(
+        module, (torch.randn(2, 3, 11, 13),), dynamo=True, dynamic_shapes=({0: batch, 2: height, 3: width},)
+    )
+    program.save(str(tmp_path / "op.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(3, 3, 9, 16), (1, 3, 5, 4)]:
+        image = torch.randn(shape)
+        got = session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
+        with torch.no_grad():
+            want = module(image)
+        assert got.shape == tuple(want.shape)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=ATOL)
+
+
+def test_plain_export_of_the_classifier(tmp_path):
+    """torch.onnx.export(model, x, dynamo=True) as a user writes it, with a dynamic batch and image size."""
+    torch.manual_seed(0)
+    model = timm.create_model("elsa_swin_nano", num_classes=5, elsa_stages=(True, True, True, True)).eval()
+    dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    program = torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), dynamo=True, dynamic_shapes=(dims,))
+    program.save(str(tmp_path / "nano.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "nano.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(3, 3, 64, 64), (1, 3, 96, 80)]:
+        x = torch.randn(shape)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=0, atol=ATOL)
 
 
 def test_export_tool(tmp_path):
@@ -69,13 +161,15 @@ def test_plain_export_of_the_dense_backbone(tmp_path):
     torch.manual_seed(0)
     backbone = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4).eval()
     x = torch.randn(2, 3, 64, 96)
-    program = torch.onnx.export(backbone, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    program = torch.onnx.export(backbone, (x,), dynamo=True, dynamic_shapes=(dims,))
     program.save(str(tmp_path / "backbone.onnx"))
     session = onnxruntime.InferenceSession(str(tmp_path / "backbone.onnx"), providers=["CPUExecutionProvider"])
-    x3 = torch.randn(3, 3, 64, 96)
-    got = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
-    with torch.no_grad():
-        want = backbone(x3)
-    assert len(got) == 4
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL)
+    for shape in [(3, 3, 64, 96), (1, 3, 75, 50)]:  # another batch and another image size, not whole windows
+        x3 = torch.randn(shape)
+        got = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
+        with torch.no_grad():
+            want = backbone(x3)
+        assert len(got) == 4
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL)
