@@ -2,10 +2,11 @@
 
 Every kernel family is reached: templated K with 16-byte vectors (4- and 8-wide), runtime K, scalar loads
 (heads not a multiple of the vector), chunked heads, both layouts, strides and dilations, windows wider
-than the image, and broadcast / per-image / mixed / no ghost kernels; float32 and bfloat16 (float16 and
-float64 run the same code with another element type).
+than the image, features off 16-byte alignment (a storage offset of one element: the scalar kernels), and
+broadcast / per-image / mixed / no ghost kernels; float32 and bfloat16 (float16 and float64 run the same
+code with another element type).
 
-    compute-sanitizer --tool memcheck python -m tools.gpu_sanitizer_cases
+    PYTHONPATH=. compute-sanitizer --tool memcheck --kernel-name kns=elsa_op python tools/gpu_sanitizer_cases.py
 """
 
 import itertools
@@ -34,7 +35,7 @@ def main() -> None:
     torch.manual_seed(0)
     calls = 0
     for dtype, layout, geometry, ghost in itertools.product(
-        (torch.float32, torch.bfloat16), ("nchw", "channels_last"), GEOMETRIES, GHOSTS
+        (torch.float32, torch.bfloat16), ("nchw", "channels_last", "offset"), GEOMETRIES, GHOSTS
     ):
         B, C, H, W, G, K, d, s = geometry
         Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
@@ -42,6 +43,10 @@ def main() -> None:
         h = torch.randn(B, G, K * K, Ho, Wo, device="cuda", dtype=dtype).softmax(2)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
+        if layout == "offset":  # channels-last memory one element into its own allocation
+            flat = torch.empty(x.numel() + 1, device="cuda", dtype=dtype)
+            x = flat[1:].view(B, H, W, C).permute(0, 3, 1, 2).copy_(x)
+        if layout != "nchw":
             h = h.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
         gdtype = torch.float64 if dtype == torch.float64 else torch.float32
         m, a = (torch.randn(shape, device="cuda", dtype=gdtype) if shape else None for shape in GHOSTS[ghost](B, C, K))
