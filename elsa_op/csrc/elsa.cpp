@@ -29,6 +29,6 @@ TORCH_LIBRARY(elsa_op, m) {
       "elsa_backward_attn_ghost(Tensor grad_out, Tensor features, Tensor? h_attn, Tensor? ghost_mul, int groups, "
       "int kernel_size, int dilation, int stride, bool need_attn, bool need_mul, bool need_add, bool mul_batched, "
       "bool add_batched) -> (Tensor, Tensor, Tensor)");
-  // Which build of the channels-last CPU kernels runs: "avx2" or "default" (see cpu/kernels.h).
-  m.def("cpu_capability() -> str", [] { return std::string(elsa_op::nhwc::cpu_capability()); });
+  // Which build of the CPU kernels runs: "avx2" or "default" (see cpu/kernels.h).
+  m.def("cpu_capability() -> str", [] { return std::string(elsa_op::cpu::capability()); });
 }

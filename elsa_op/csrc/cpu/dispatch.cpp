@@ -1,10 +1,10 @@
-// Picks the channels-last kernels built for the widest instruction set this CPU runs.
+// Picks the kernels built for the widest instruction set this CPU runs.
 #include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
 
-namespace elsa_op::nhwc {
+namespace elsa_op::cpu {
 namespace {
 
 bool use_avx2() {
@@ -23,12 +23,12 @@ bool use_avx2() {
 
 }  // namespace
 
-const char* cpu_capability() {
+const char* capability() {
   return use_avx2() ? "avx2" : "default";
 }
 
 template <>
-const Kernels<float>& nhwc_kernels<float>() {
+const Kernels<float>& selected_kernels<float>() {
 #if defined(ELSA_HAVE_AVX2_KERNELS)
   if (use_avx2()) return isa_avx2::kernels_float;
 #endif
@@ -36,11 +36,11 @@ const Kernels<float>& nhwc_kernels<float>() {
 }
 
 template <>
-const Kernels<double>& nhwc_kernels<double>() {
+const Kernels<double>& selected_kernels<double>() {
 #if defined(ELSA_HAVE_AVX2_KERNELS)
   if (use_avx2()) return isa_avx2::kernels_double;
 #endif
   return isa_default::kernels_double;
 }
 
-}  // namespace elsa_op::nhwc
+}  // namespace elsa_op::cpu

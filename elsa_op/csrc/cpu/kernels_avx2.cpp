@@ -1,5 +1,7 @@
-// The channels-last kernels for CPUs with AVX2 and FMA: 32-byte vectors. Everything this file defines is
-// compiled for AVX2 and called only after nhwc_kernels<T>() has checked the CPU (see dispatch.cpp).
+// The kernels for CPUs with AVX2 and FMA: 32-byte vectors. Everything this file defines is
+// compiled for AVX2 and called only after selected_kernels<T>() has checked the CPU (see dispatch.cpp).
+// kernels.h comes before the switch of instruction set, so that its inline code (and geometry.h's), of
+// which the linker keeps one copy for both builds, stays baseline code.
 #include "kernels.h"
 
 #if defined(ELSA_HAVE_AVX2_KERNELS)
@@ -11,7 +13,7 @@
 #pragma GCC target("avx2,fma")
 #endif
 
-namespace elsa_op::nhwc::isa_avx2 {
+namespace elsa_op::cpu::isa_avx2 {
 
 #define ELSA_VECTOR_BYTES 32
 #include "kernels_impl.h"
@@ -19,7 +21,7 @@ namespace elsa_op::nhwc::isa_avx2 {
 const Kernels<float> kernels_float = make_kernels<float>();
 const Kernels<double> kernels_double = make_kernels<double>();
 
-}  // namespace elsa_op::nhwc::isa_avx2
+}  // namespace elsa_op::cpu::isa_avx2
 
 #if defined(__clang__)
 #pragma clang attribute pop

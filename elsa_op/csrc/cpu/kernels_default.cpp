@@ -1,7 +1,7 @@
-// The channels-last kernels for the x86-64 baseline (SSE2; NEON on Arm): 16-byte vectors.
+// The kernels for the x86-64 baseline (SSE2; NEON on Arm): 16-byte vectors.
 #include "kernels.h"
 
-namespace elsa_op::nhwc::isa_default {
+namespace elsa_op::cpu::isa_default {
 
 #define ELSA_VECTOR_BYTES 16
 #include "kernels_impl.h"
@@ -9,4 +9,4 @@ namespace elsa_op::nhwc::isa_default {
 const Kernels<float> kernels_float = make_kernels<float>();
 const Kernels<double> kernels_double = make_kernels<double>();
 
-}  // namespace elsa_op::nhwc::isa_default
+}  // namespace elsa_op::cpu::isa_default

@@ -1,4 +1,5 @@
-// The ELSA operator on channels-last CPU tensors (see elsa_common.h's is_channels_last).
+// The ELSA operator on CPU tensors: the host side of the kernels (layouts, dtypes, threads). Results are
+// channels-last; register.cpp hands them back in the caller's layout.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,21 +9,23 @@
 
 #include "../elsa_common.h"
 
-namespace elsa_op {
+namespace elsa_op::cpu {
 
-at::Tensor forward_nhwc(const Geometry<int64_t>& g, const at::Tensor& features, const at::Tensor& h_attn,
-                        const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add);
+at::Tensor launch_forward(const Geometry<int64_t>& g, const at::Tensor& features, const at::Tensor& h_attn,
+                          const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add);
 
-at::Tensor backward_features_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
-                                  const std::optional<at::Tensor>& ghost_mul,
-                                  const std::optional<at::Tensor>& ghost_add);
+at::Tensor launch_backward_features(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& h_attn,
+                                    const std::optional<at::Tensor>& ghost_mul,
+                                    const std::optional<at::Tensor>& ghost_add);
 
-at::Tensor backward_attn_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& features,
-                              const std::optional<at::Tensor>& ghost_mul);
+// The attention gradient as a [B, G, K*K, Ho, Wo] view of [B, Ho, Wo, G, K*K] memory.
+at::Tensor launch_backward_attn(const Geometry<int64_t>& g, const at::Tensor& grad_out, const at::Tensor& features,
+                                const std::optional<at::Tensor>& ghost_mul);
 
-std::tuple<at::Tensor, at::Tensor> backward_ghost_nhwc(const Geometry<int64_t>& g, const at::Tensor& grad_out,
-                                                       const at::Tensor& features,
-                                                       const std::optional<at::Tensor>& h_attn, bool batched,
-                                                       bool need_mul, bool need_add);
+// The ghost gradients asked for, batched or broadcast alike; one not asked for is an empty tensor.
+std::tuple<at::Tensor, at::Tensor> launch_backward_ghost(const Geometry<int64_t>& g, const at::Tensor& grad_out,
+                                                         const at::Tensor& features,
+                                                         const std::optional<at::Tensor>& h_attn, bool batched,
+                                                         bool need_mul, bool need_add);
 
-}  // namespace elsa_op
+}  // namespace elsa_op::cpu
