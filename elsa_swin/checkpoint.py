@@ -13,12 +13,13 @@ Renames and reorderings happen here, once, for every model built from
 """
 
 import argparse
+import importlib
 import pickle
 import re
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,13 +37,16 @@ _WINDOW_ATTN_RENAMES = {
 }
 _REBUILT_BUFFERS = ("relative_position_index", "relative_id", "attn_mask")
 
+# numpy's pickled arrays and scalars name these (numpy._core is private, hence looked up by name).
+_np_multiarray: Any = importlib.import_module("numpy._core.multiarray")
+
 # What timm's and the original's training checkpoints hold besides tensors and plain containers.
 SAFE_GLOBALS = [
     argparse.Namespace,
     np.ndarray,
     np.dtype,
-    np._core.multiarray._reconstruct,
-    np._core.multiarray.scalar,
+    _np_multiarray._reconstruct,
+    _np_multiarray.scalar,
     *sorted({type(np.dtype(t)) for t in np.sctypeDict.values()}, key=lambda c: c.__name__),
 ]
 
@@ -137,7 +141,7 @@ def map_original_names(state_dict: dict[str, torch.Tensor], model: torch.nn.Modu
                     # (heads, positions) by key - query -> (positions, heads) by query - key: reversed order
                     v = v.t().flip(0)
         if k.endswith("relative_position_bias_table") and k.rsplit(".", 1)[0] in window_attn:
-            attn = model.get_submodule(k.rsplit(".", 1)[0])
+            attn = cast(WindowAttention, model.get_submodule(k.rsplit(".", 1)[0]))
             if v.shape != attn.relative_position_bias_table.shape:
                 v = resize_rel_pos_bias_table(
                     v, new_window_size=attn.window_size, new_bias_shape=attn.relative_position_bias_table.shape

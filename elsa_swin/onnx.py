@@ -4,23 +4,36 @@ against PyTorch on the same input (``tools/export_onnx.py``).
     python tools/export_onnx.py --model elsa_swin_tiny --checkpoint elsa_swin_tiny.safetensors -o elsa_swin_tiny.onnx
 
 It is plain ``torch.onnx.export(model, x, path, dynamo=True)``: importing ``elsa_op`` registers how the
-ELSA operator is written in standard ONNX operators (:mod:`elsa_op.decomposition`).
+ELSA operator is written in standard ONNX operators (:mod:`elsa_op.decomposition`), so the file runs in
+any ONNX runtime, with no part of this project installed.
 """
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
-from .classifier import checkpoint_filter_fn
+from .classifier import ELSASwinTransformer, checkpoint_filter_fn
 
 
-def export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
-    """Write ``model`` (in eval mode) as ONNX, its input's batch axis dynamic."""
-    batch = torch.export.Dim("batch", min=1)  # traced at batch 2: a batch of 1 would be specialised
+def export(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    path: Path,
+) -> None:
+    """Write ``model`` (in eval mode) as ONNX, its input's batch axis dynamic.
+
+    Args:
+        model (nn.Module): the model; it is put in eval mode.
+        x (Tensor[B, 3, H, W]): the example input, B >= 2 (a batch of 1 would be specialised to 1).
+        path (Path): the ``.onnx`` file to write; its folder is created.
+    """
+    batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
         model.eval(),
         (x,),
@@ -30,12 +43,27 @@ def export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
         output_names=["output"],
         verbose=False,
     )
+    if program is None:  # only the deprecated TorchScript exporter returns nothing
+        raise RuntimeError("torch.onnx.export returned no program")
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
 
 
-def check(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
-    """Largest absolute difference between onnxruntime's and PyTorch's outputs on ``x``."""
+def check(
+    model: torch.nn.Module,
+    path: Path,
+    x: torch.Tensor,
+) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's outputs on ``x``.
+
+    Args:
+        model (nn.Module): the PyTorch model the file was exported from.
+        path (Path): the ``.onnx`` file.
+        x (Tensor[B, 3, H, W]): the input (CPU, float32).
+
+    Returns:
+        float: the largest absolute difference.
+    """
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -45,7 +73,15 @@ def check(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
     return float((torch.from_numpy(got) - want).abs().max())
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tools/export_onnx.py``: export one classifier and check it in onnxruntime.
+
+    Args:
+        argv (Sequence[str], optional): command-line arguments; None reads ``sys.argv``. Default: None.
+
+    Returns:
+        int: the exit status, 0 when onnxruntime matches PyTorch within ``--atol``.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="elsa_swin_tiny", help="timm model name")
     parser.add_argument(
@@ -79,7 +115,9 @@ def main(argv=None) -> int:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 1
     if state is not None:
-        missing, unexpected = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+        missing, unexpected = model.load_state_dict(
+            checkpoint_filter_fn(state, cast(ELSASwinTransformer, model)), strict=False
+        )
         if missing or unexpected:
             print(
                 f"error: {args.checkpoint} does not fit {args.model}: missing {missing[:5]}, unexpected "
