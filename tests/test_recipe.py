@@ -580,13 +580,27 @@ def test_det_heads(config):
     assert [stage.assigner.pos_iou_thr for stage in model.train_cfg.rcnn] == value(DET, "cascade_iou_thrs")
 
 
-@pytest.mark.parametrize("config", [c for c in DET_CONFIGS if c.stem.startswith("cascade")], ids=lambda p: p.stem)
-def test_cascade_heads_built(config):
-    """The three built bbox heads: 4 shared convs (SyncBN) + 1 fc, GIoU loss x10 on decoded boxes, and
-    the original's per-stage target stds."""
+def test_heads_built(built):
+    """The built heads. Cascade: three bbox heads of 4 shared convs (SyncBN) + 1 fc, GIoU loss x10 on
+    decoded boxes, the original's per-stage target stds. Mask R-CNN: mmdet's 2fc head. UPerNet: the
+    decode head and the FCN auxiliary head on stage 3."""
     from mmdet.models.losses import GIoULoss
 
-    _, model = build_model(config)
+    config, cfg, model = built
+    if config in SEG_CONFIGS:
+        decode, aux = model.decode_head, model.auxiliary_head
+        assert type(decode).__name__ == "UPerHead" and type(aux).__name__ == "FCNHead"
+        assert decode.channels == value(SEG, "decode_head")["channels"]
+        assert aux.in_index == value(SEG, "auxiliary_head")["in_index"]
+        assert decode.num_classes == aux.num_classes == 150
+        return
+    cascade = config.stem.startswith("cascade")
+    mask_heads = model.roi_head.mask_head if cascade else [model.roi_head.mask_head]  # one per cascade stage
+    assert len(mask_heads) == (value(DET, "cascade_stages") if cascade else 1)
+    assert all(type(h).__name__ == "FCNMaskHead" and len(h.convs) == 4 for h in mask_heads)
+    if not cascade:
+        assert type(model.roi_head.bbox_head).__name__ == "Shared2FCBBoxHead"
+        return
     heads = model.roi_head.bbox_head
     assert len(heads) == value(DET, "cascade_stages")
     shape, loss = value(DET, "cascade_head"), value(DET, "cascade_loss")
@@ -685,10 +699,10 @@ def _stated_precision(stated) -> tuple[float, float]:
     return float(text) * 1e6, 0.5 * 10 ** (6 - decimals)
 
 
-@pytest.mark.parametrize("entry", _metafile_models(), ids=lambda m: m["Name"])
-def test_metafile_parameters_match_the_built_model(entry):
-    config = REPO / entry["Config"]
-    assert config.is_file(), entry["Config"]
+def test_metafile_parameters_match_the_built_model(built):
+    """The metafile entry of each config names its file and the parameter count of the model it builds."""
+    config, _, model = built
+    (entry,) = [m for m in _metafile_models() if m["Name"] == config.stem]
+    assert (REPO / entry["Config"]).resolve() == config.resolve(), entry["Config"]
     stated, tolerance = _stated_precision(entry["Metadata"]["Parameters"])
-    _, model = build_model(config)
     assert abs(num_params(model) - stated) <= tolerance, (num_params(model), stated)
