@@ -173,3 +173,36 @@ def test_plain_export_of_the_dense_backbone(tmp_path):
         assert len(got) == 4
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_aoti_package_calls_the_kernels_and_matches_eager(tmp_path):
+    """AOTInductor: the package keeps each ELSA layer as a call into elsa_op (no decomposition), takes any
+    batch and matches eager PyTorch."""
+    from elsa_swin.aoti import count_elsa_calls, export_program, load_package, package, package_elsa_calls
+
+    torch.manual_seed(0)
+    model = timm.create_model("elsa_swin_nano", img_size=64, num_classes=7).eval()
+    program = export_program(model, torch.randn(2, 3, 64, 64))
+    layers = sum(isinstance(m, elsa_swin.ELSABlock) for m in model.modules())
+    assert count_elsa_calls(program) == layers == 6
+    path = package(program, tmp_path / "nano.pt2")
+    assert package_elsa_calls(path) == layers
+    compiled = load_package(path)
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=ATOL)
+
+
+def test_aoti_tool_refuses_bad_arguments(tmp_path):
+    tool = [sys.executable, str(REPO / "tools" / "export_aoti.py")]
+    r = subprocess.run([*tool, "-o", str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "must end in .pt2" in r.stderr
+    r = subprocess.run(
+        [*tool, "--checkpoint", str(tmp_path / "none.pth"), "-o", str(tmp_path / "x.pt2")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "does not exist" in r.stderr and not (tmp_path / "x.pt2").exists()
