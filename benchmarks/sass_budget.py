@@ -159,11 +159,12 @@ def classify(opcode: str, operands: str) -> str:
         return "int"
     if base == "FFMA":
         return "ffma"
+    # bfloat16 -> float32 is a shift into the high half: IMAD.U32 x, 0x10000 (or PRMT) makes it; float16 ->
+    # float32 is HADD2.F32 (-0 + x).
+    if base in CONVERSIONS or (opcode.startswith("IMAD.U32") and "0x10000" in operands) or opcode == "HADD2.F32":
+        return "cvt"
     if base in FP_OTHER or base.startswith(("H", "D")) and base[1:] in {"FMA2", "ADD2", "MUL2", "FMA", "ADD", "MUL"}:
         return "fp"
-    # bfloat16 -> float32 is a shift into the high half: IMAD.U32 x, 0x10000 (or PRMT) makes it.
-    if base in CONVERSIONS or (opcode.startswith("IMAD.U32") and "0x10000" in operands):
-        return "cvt"
     if base == "LDG":
         return "ldg"
     if base == "STG":
@@ -486,6 +487,14 @@ def measured_times(bench_log: Path) -> dict[tuple[str, str], float]:
     return times
 
 
+VARIANT_ORDER = ["forward", "grad features", "attn+ghost", "attn+ghost (grad ghost_mul)"]
+DTYPE_ORDER = ["float32", "bfloat16", "float16", "float64"]
+
+
+def _order(arch: str, variant: str, dtype: str) -> tuple:
+    return (-int(arch[3:]), VARIANT_ORDER.index(variant), DTYPE_ORDER.index(dtype))
+
+
 def report(
     kernels: list[Kernel],
     all_k: bool,
@@ -494,30 +503,28 @@ def report(
     measured: dict[tuple[str, str], float] | None = None,
 ) -> str:
     rows = []
-    for k in sorted(kernels, key=lambda k: (k.arch, k.template, k.dtype, k.K, k.V)):
-        if not k.loops or (not all_k and k.K != STAGE1["K"]):
-            continue
-        for loop in sorted(k.loops, key=lambda lp: lp.variant):
-            r = k.resources
-            rows.append(
-                [
-                    loop.variant,
-                    k.arch,
-                    k.dtype,
-                    f"K={k.K or 'any'} V={k.V}",
-                    str(r.get("REG", "?")),
-                    str(r.get("STACK", 0) + r.get("LOCAL", 0)),
-                    f"{loop.instructions}/{loop.channel_taps}",
-                    *(f"{loop.per_ct(c):.2f}" for c in CLASSES),
-                    f"{loop.per_ct():.2f}",
-                ]
-            )
+    chosen = [(k, loop) for k in kernels if k.loops and (all_k or k.K == STAGE1["K"]) for loop in k.loops]
+    for k, loop in sorted(chosen, key=lambda kl: (_order(kl[0].arch, kl[1].variant, kl[0].dtype), kl[0].K)):
+        r = k.resources
+        rows.append(
+            [
+                loop.variant,
+                k.arch,
+                k.dtype,
+                f"K={k.K or 'any'} V={k.V}",
+                str(r.get("REG", "?")),
+                str(r.get("STACK", 0) + r.get("LOCAL", 0)),
+                f"{loop.instructions}/{loop.channel_taps}",
+                *(f"{loop.per_ct(c):.2f}" for c in CLASSES),
+                f"{loop.per_ct():.2f}",
+            ]
+        )
     head = ["kernel", "arch", "dtype", "instance", "regs", "spill B", "loop/ct", *CLASSES, "total"]
     out = [_table(head, rows, markdown), ""]
     est_rows = []
     by_key = {(k.arch, loop.variant, k.dtype): loop for k in kernels if k.K == STAGE1["K"] for loop in k.loops}
     for device in devices or DEVICES:
-        for (arch, variant, dtype), loop in sorted(by_key.items()):
+        for (arch, variant, dtype), loop in sorted(by_key.items(), key=lambda kv: _order(*kv[0])):
             if arch != device.arch or dtype not in ("float32", "bfloat16"):
                 continue
             e = estimate(device, loop, dtype)
