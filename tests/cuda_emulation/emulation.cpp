@@ -58,13 +58,13 @@ struct EmulationRunner {
 
   template <typename T, int KT, int V, bool kGradFeatures>
   void gather(const GatherArgs<T>& A, int rows) {
-    const auto& g = A.g;
+    const auto& g = A.geometry;
     ran.push_back(std::string(kGradFeatures ? "features" : "forward") + "<" + std::to_string(KT) + "," +
                   std::to_string(V) + ">");
     access::kernel = ran.back();
     const int64_t rows_per_image = kGradFeatures ? g.H : g.Ho, cols = kGradFeatures ? g.W : g.Wo;
     const int64_t image = rows_per_image * cols * g.C;
-    poison(raw(A.dst) + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
+    poison(raw(A.destination) + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
     auto item = [&](int row, int it) {
       if constexpr (kGradFeatures) {
         features_item<T, KT, V>(A, row, it);
@@ -72,7 +72,7 @@ struct EmulationRunner {
         forward_item<T, KT, V>(A, row, it);
       }
     };
-    const auto grid = item_grid(cols * g.CV, rows);
+    const auto grid = item_grid(cols * A.channel_vectors, rows);
     if (only_batch >= 0) {  // the same (row, item) pairs as the grid gives these rows
       for (int64_t row = only_batch * rows_per_image; row < (only_batch + 1) * rows_per_image; ++row)
         for (int64_t bx = 0; bx < grid.x; ++bx)
@@ -89,17 +89,18 @@ struct EmulationRunner {
   void attn_ghost(const AttnGhostArgs<T>& A, int blocks_x) {
     ran.push_back("attn_ghost<" + std::to_string(KT) + "," + std::to_string(V) + ">");
     access::kernel = ran.back();
-    const auto& g = A.g;
+    const auto& g = A.geometry;
     const int64_t kk = int64_t(g.K) * g.K, attn = int64_t(g.Ho) * g.Wo * g.G * kk, table = kk * g.C;
     const int64_t b0 = only_batch >= 0 ? only_batch : 0, nb = only_batch >= 0 ? 1 : g.B;
-    if (A.gh) poison(raw(A.gh) + b0 * attn, nb * attn);
-    if (A.gh_part)
-      for (int c = 0; c < A.c_chunks; ++c) poison(raw(A.gh_part) + c * g.B * attn + b0 * attn, nb * attn);
-    for (auto* part : {raw(A.part_mul), raw(A.part_add)})
-      if (part) poison(part + b0 * A.tiles * table, nb * A.tiles * table);
-    const int z = A.c_chunks * attn_ghost_t_chunks(A);
+    if (A.grad_attention) poison(raw(A.grad_attention) + b0 * attn, nb * attn);
+    if (A.grad_attention_partials)
+      for (int c = 0; c < A.channel_chunks; ++c)
+        poison(raw(A.grad_attention_partials) + c * g.B * attn + b0 * attn, nb * attn);
+    for (auto* part : {raw(A.ghost_mul_partials), raw(A.ghost_add_partials)})
+      if (part) poison(part + b0 * A.tiles_per_image * table, nb * A.tiles_per_image * table);
+    const int z = A.channel_chunks * attn_ghost_t_chunks(A);
     for (int bx = 0; bx < blocks_x; ++bx) {
-      if (only_batch >= 0 && bx / A.tiles != only_batch) continue;
+      if (only_batch >= 0 && bx / A.tiles_per_image != only_batch) continue;
       for (int by = 0; by < g.G; ++by)
         for (int bz = 0; bz < z; ++bz) {
           HostBlock<AttnGhostThread<acc_of<T>, V>> block(kAttnThreads, attn_ghost_shared_bytes(A));
@@ -114,9 +115,9 @@ struct EmulationRunner {
   void ghost_reduce(const GhostReduceArgs<A>& R, int64_t items) {
     ran.push_back("ghost_reduce");
     access::kernel = ran.back();
-    const int64_t table = R.KK * R.C;
+    const int64_t table = R.taps * R.channels;
     const int64_t lo = only_batch >= 0 ? only_batch * table : 0, hi = only_batch >= 0 ? lo + table : items;
-    poison(raw(R.out) + lo, hi - lo);
+    poison(raw(R.output) + lo, hi - lo);
     const int64_t blocks = stride_grid(items), step = blocks * kItemThreads;
     for (int64_t bx = 0; bx < blocks; ++bx)
       for (int tid = 0; tid < kItemThreads; ++tid)
@@ -129,7 +130,7 @@ struct EmulationRunner {
     ran.push_back("chunk_sum");
     access::kernel = ran.back();
     TORCH_CHECK(only_batch < 0, "emulation: chunk_sum runs on whole batches only");
-    poison(raw(S.out), S.numel);
+    poison(raw(S.output), S.numel);
     const int64_t blocks = stride_grid(S.numel), step = blocks * kItemThreads;
     for (int64_t bx = 0; bx < blocks; ++bx)
       for (int tid = 0; tid < kItemThreads; ++tid)

@@ -24,6 +24,8 @@
 
 #include <cstdint>
 
+#include "../geometry.h"
+
 #ifdef __CUDACC__
 #define ELSA_HD __host__ __device__ __forceinline__
 #define ELSA_UNROLL _Pragma("unroll")
@@ -87,27 +89,17 @@ ELSA_HD void store_vec(Global<T> p, const acc_of<T> (&in)[V]) {
   *reinterpret_cast<Vec<T, V>*>(raw(p)) = bits;
 }
 
-// Geometry in 32-bit integers: the launcher checks that every in-plane coordinate the kernels form,
-// from -(K/2)*dilation to max(H, W) + (K/2)*dilation + stride, fits. Offsets into tensors are 64-bit.
-struct Geo {
-  int B, C, H, W, G, K, dilation, stride, Ho, Wo;
-  int cpg;      // channels per group
-  int CV;       // channel vectors per pixel, C / V
-  int d_div_s;  // dilation / stride and dilation % stride: the grad-features gather steps through the
-  int d_mod_s;  // output grid with these instead of dividing in its inner loop
-};
-
-// Pixel strides in elements; the channel (or tap) stride is 1.
-struct Strides {
-  int64_t b, h, w;
-};
-struct AttnStrides {
-  int64_t b, h, w, g;
+// The kernels take the call's Geometry (geometry.h) in 32-bit integers: the launcher checks that every
+// in-plane coordinate they form, from -(K/2)*dilation to max(H, W) + (K/2)*dilation + stride, fits.
+// Offsets into tensors are 64-bit. Pixel strides are geometry.h's PixelStrides, in elements (the channel
+// stride is 1); the attention's are these (its tap stride is 1):
+struct AttentionStrides {
+  int64_t batch, row, column, group;
 };
 
 // K as a compile-time constant where the launcher instantiated one (KT > 0), else the runtime value.
 template <int KT>
-ELSA_HD int kernel_size(const Geo& g) {
+ELSA_HD int kernel_size(const Geometry<int>& g) {
   return KT > 0 ? KT : g.K;
 }
 
@@ -146,17 +138,22 @@ ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, G
 // the (column, channel vector) items of a row of the grid written, y over its B * rows rows (strided).
 template <typename T>
 struct GatherArgs {
-  Geo g;
-  Global<const T> src;  // the features (forward) or grad_out (grad features)
-  Strides ss;
-  Global<const T> h;
-  AttnStrides hs;
-  Global<const acc_of<T>> m;  // null: 1
-  int64_t m_b;                // batch stride of the table: 0 when broadcast
-  Global<const acc_of<T>> a;  // null: 0
-  int64_t a_b;
-  Global<T> dst;  // the output (forward) or grad_features
-  Strides ds;
+  Geometry<int> geometry;
+  // Derived once by the launcher, so that no kernel divides for them.
+  int channels_per_group;
+  int channel_vectors;      // per pixel: C / V
+  int dilation_div_stride;  // dilation / stride and dilation % stride: the grad-features gather steps
+  int dilation_mod_stride;  // through the output grid with these instead of dividing in its inner loop
+  Global<const T> source;   // the features (forward) or grad_out (grad features)
+  PixelStrides source_strides;
+  Global<const T> attention;
+  AttentionStrides attention_strides;
+  Global<const acc_of<T>> ghost_mul;  // null: 1
+  int64_t ghost_mul_batch_stride;     // batch stride of the table: 0 when broadcast
+  Global<const acc_of<T>> ghost_add;  // null: 0
+  int64_t ghost_add_batch_stride;
+  Global<T> destination;  // the output (forward) or grad_features
+  PixelStrides destination_strides;
 };
 
 // Forward: out[b, i, j, c] = sum_t x[b, i*s + dy_t, j*s + dx_t, c] * (m[t, c] * h[b, i, j, g(c), t] + a[t, c]).
@@ -164,16 +161,19 @@ template <typename T, int KT, int V>
 ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
   using acc_t = acc_of<T>;
   [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
-  const Geo& g = A.g;
-  if (item >= g.Wo * g.CV) return;
+  const Geometry<int>& g = A.geometry;
+  if (item >= g.Wo * A.channel_vectors) return;
   const int K = kernel_size<KT>(g), r = K / 2, KK = K * K;
   const int b = row / g.Ho, i = row - b * g.Ho;
-  const int j = item / g.CV, cv = item - j * g.CV, c = cv * V;
-  const int grp = c / g.cpg;
-  const Global<const T> xb = A.src + b * A.ss.b + c;
-  const Global<const T> hp = A.h + b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
-  const Global<const acc_t> mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
-  const Global<const acc_t> ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
+  const int j = item / A.channel_vectors, cv = item - j * A.channel_vectors, c = cv * V;
+  const int grp = c / A.channels_per_group;
+  const Global<const T> xb = A.source + b * A.source_strides.batch + c;
+  const Global<const T> hp = A.attention + b * A.attention_strides.batch + i * A.attention_strides.row +
+                             j * A.attention_strides.column + grp * A.attention_strides.group;
+  const Global<const acc_t> mp =
+      A.ghost_mul ? A.ghost_mul + b * A.ghost_mul_batch_stride + int64_t(cv) * KK * V : nullptr;
+  const Global<const acc_t> ap =
+      A.ghost_add ? A.ghost_add + b * A.ghost_add_batch_stride + int64_t(cv) * KK * V : nullptr;
   acc_t acc[V];
   ELSA_UNROLL
   for (int e = 0; e < V; ++e) acc[e] = 0;
@@ -183,8 +183,8 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     // The whole window inside the image (most pixels): no bounds to check.
     // Rows one after the other (unrolling them too would only hoist loads into spilled registers), the
     // taps of a row unrolled, at compile-time offsets from pointers that step once per row.
-    Global<const T> xrow = xb + y0 * A.ss.h + x0 * A.ss.w;
-    const int64_t dy = int64_t(g.dilation) * A.ss.h, dx = int64_t(g.dilation) * A.ss.w;
+    Global<const T> xrow = xb + y0 * A.source_strides.row + x0 * A.source_strides.column;
+    const int64_t dy = int64_t(g.dilation) * A.source_strides.row, dx = int64_t(g.dilation) * A.source_strides.column;
     Global<const T> hrow = hp;
     Global<const acc_t> mrow = mp, arow = ap;
     ELSA_NO_UNROLL
@@ -202,17 +202,19 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p, y += g.dilation) {
       if (y < 0 || y >= g.H) continue;
-      const Global<const T> xrow = xb + y * A.ss.h;
+      const Global<const T> xrow = xb + y * A.source_strides.row;
       int xx = x0;
       ELSA_UNROLL_ROW
       for (int q = 0; q < K; ++q, xx += g.dilation) {
         if (xx < 0 || xx >= g.W) continue;
         const int t = p * K + q;
-        weighted_tap<T, V>(acc, xrow + xx * A.ss.w, static_cast<acc_t>(load(hp + t)), mp, ap, t);
+        weighted_tap<T, V>(acc, xrow + xx * A.source_strides.column, static_cast<acc_t>(load(hp + t)), mp, ap, t);
       }
     }
   }
-  store_vec<T, V>(A.dst + b * A.ds.b + i * A.ds.h + j * A.ds.w + c, acc);
+  store_vec<T, V>(A.destination + b * A.destination_strides.batch + i * A.destination_strides.row +
+                      j * A.destination_strides.column + c,
+                  acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -224,16 +226,18 @@ template <typename T, int KT, int V>
 ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   using acc_t = acc_of<T>;
   [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
-  const Geo& g = A.g;
-  if (item >= g.W * g.CV) return;
+  const Geometry<int>& g = A.geometry;
+  if (item >= g.W * A.channel_vectors) return;
   const int K = kernel_size<KT>(g), r = K / 2, KK = K * K, s = g.stride;
   const int b = row / g.H, y = row - b * g.H;
-  const int x = item / g.CV, cv = item - x * g.CV, c = cv * V;
-  const int grp = c / g.cpg;
-  const Global<const T> gob = A.src + b * A.ss.b + c;
-  const Global<const T> hb = A.h + b * A.hs.b + grp * A.hs.g;
-  const Global<const acc_t> mp = A.m ? A.m + b * A.m_b + int64_t(cv) * KK * V : nullptr;
-  const Global<const acc_t> ap = A.a ? A.a + b * A.a_b + int64_t(cv) * KK * V : nullptr;
+  const int x = item / A.channel_vectors, cv = item - x * A.channel_vectors, c = cv * V;
+  const int grp = c / A.channels_per_group;
+  const Global<const T> gob = A.source + b * A.source_strides.batch + c;
+  const Global<const T> hb = A.attention + b * A.attention_strides.batch + grp * A.attention_strides.group;
+  const Global<const acc_t> mp =
+      A.ghost_mul ? A.ghost_mul + b * A.ghost_mul_batch_stride + int64_t(cv) * KK * V : nullptr;
+  const Global<const acc_t> ap =
+      A.ghost_add ? A.ghost_add + b * A.ghost_add_batch_stride + int64_t(cv) * KK * V : nullptr;
   acc_t acc[V];
   ELSA_UNROLL
   for (int e = 0; e < V; ++e) acc[e] = 0;
@@ -243,10 +247,12 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   if (s == 1 && ty < g.Ho && ty - span >= 0 && tx < g.Wo && tx - span >= 0) {
     // Stride 1 with every tap's output pixel inside the output (most pixels): no remainders, no bounds.
     // Rows one after the other, the taps of a row unrolled (as in forward_item).
-    Global<const T> gorow = gob + ty * A.ss.h + tx * A.ss.w;
-    Global<const T> hrow = hb + ty * A.hs.h + tx * A.hs.w;
-    const int64_t go_dy = int64_t(g.dilation) * A.ss.h, go_dx = int64_t(g.dilation) * A.ss.w;
-    const int64_t h_dy = int64_t(g.dilation) * A.hs.h, h_dx = int64_t(g.dilation) * A.hs.w;
+    Global<const T> gorow = gob + ty * A.source_strides.row + tx * A.source_strides.column;
+    Global<const T> hrow = hb + ty * A.attention_strides.row + tx * A.attention_strides.column;
+    const int64_t go_dy = int64_t(g.dilation) * A.source_strides.row,
+                  go_dx = int64_t(g.dilation) * A.source_strides.column;
+    const int64_t h_dy = int64_t(g.dilation) * A.attention_strides.row,
+                  h_dx = int64_t(g.dilation) * A.attention_strides.column;
     Global<const acc_t> mrow = mp, arow = ap;
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
@@ -264,32 +270,35 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
       if (ir == 0 && iq >= 0 && iq < g.Ho) {
-        const Global<const T> gorow = gob + iq * A.ss.h;
-        const Global<const T> hrow = hb + iq * A.hs.h;
+        const Global<const T> gorow = gob + iq * A.source_strides.row;
+        const Global<const T> hrow = hb + iq * A.attention_strides.row;
         int jq = jq0, jr = jr0;
         ELSA_UNROLL_ROW
         for (int q = 0; q < K; ++q) {
           if (jr == 0 && jq >= 0 && jq < g.Wo) {
             const int t = p * K + q;
-            weighted_tap<T, V>(acc, gorow + jq * A.ss.w, static_cast<acc_t>(load(hrow + (jq * A.hs.w + t))), mp, ap, t);
+            weighted_tap<T, V>(acc, gorow + jq * A.source_strides.column,
+                               static_cast<acc_t>(load(hrow + (jq * A.attention_strides.column + t))), mp, ap, t);
           }
-          jq -= g.d_div_s;
-          jr -= g.d_mod_s;
+          jq -= A.dilation_div_stride;
+          jr -= A.dilation_mod_stride;
           if (jr < 0) {
             jr += s;
             --jq;
           }
         }
       }
-      iq -= g.d_div_s;
-      ir -= g.d_mod_s;
+      iq -= A.dilation_div_stride;
+      ir -= A.dilation_mod_stride;
       if (ir < 0) {
         ir += s;
         --iq;
       }
     }
   }
-  store_vec<T, V>(A.dst + b * A.ds.b + y * A.ds.h + x * A.ds.w + c, acc);
+  store_vec<T, V>(A.destination + b * A.destination_strides.batch + y * A.destination_strides.row +
+                      x * A.destination_strides.column + c,
+                  acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -299,7 +308,7 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
 //
 // A block owns one (image tile, head, chunk) and its threads own (channel vector, tap) pairs of that head;
 // consecutive threads take consecutive channel vectors of one tap, so their loads are coalesced. The block
-// walks its tile P pixels at a time:
+// walks its tile step_pixels (P) pixels at a time:
 //   1. threads < P store the step's pixels (coordinates and tensor offsets) in shared memory;
 //   2. every thread forms its pairs' products for the P pixels: it adds them to its ghost sums (registers,
 //      across the whole tile) and stores their ghost_mul-weighted channel sum per pixel in shared memory;
@@ -307,9 +316,9 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
 // At the end each thread writes its pairs' ghost sums as the tile's partial sums; ghost_reduce_item sums
 // the tiles in a fixed order. Nothing is atomic, so results are bit-identical from run to run.
 //
-// A head with more than kMaxPairs (channel vector, tap) pairs is split into chunks of CVB channel vectors
-// times TB taps (blockIdx.z); when its channels are split (CV chunks > 1), the attention gradient goes to
-// one partial per channel chunk, summed in order by attn_chunk_sum_item. CVB divides the head's channel
+// A head with more than kMaxPairs (channel vector, tap) pairs is split into chunks of chunk_vectors channel vectors
+// times chunk_taps taps (blockIdx.z); when its channels are split (channel_chunks > 1), the attention gradient goes to
+// one partial per channel chunk, summed in order by attn_chunk_sum_item. chunk_vectors divides the head's channel
 // vectors, so every pair of a chunk whose tap exists is live and step 3 reads only slots step 2 wrote.
 constexpr int kAttnThreads = 256;
 constexpr int kPairsPerThread = 2;
@@ -317,26 +326,29 @@ constexpr int kMaxPairs = kAttnThreads * kPairsPerThread;
 
 template <typename T>
 struct AttnGhostArgs {
-  Geo g;
-  Global<const T> go;
-  Strides gos;
-  Global<const T> x;
-  Strides xs;
-  Global<const T> h;  // needed for grad_mul only
-  AttnStrides hs;
-  Global<const acc_of<T>> m;  // weights the attention gradient; null: 1
-  int64_t m_b;
+  Geometry<int> geometry;
+  int channels_per_group;
+  Global<const T> grad_out;
+  PixelStrides grad_out_strides;
+  Global<const T> features;
+  PixelStrides feature_strides;
+  Global<const T> attention;  // needed for grad_mul only
+  AttentionStrides attention_strides;
+  Global<const acc_of<T>> ghost_mul;  // weights the attention gradient; null: 1
+  int64_t ghost_mul_batch_stride;
   // Outputs; null when not asked for.
-  Global<T> gh;                // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
-  Global<acc_of<T>> gh_part;   // [channel chunks, B, Ho, Wo, G, K*K], when they are several
-  Global<acc_of<T>> part_mul;  // [B * tiles, K*K, C] ghost partial sums
-  Global<acc_of<T>> part_add;
+  Global<T> grad_attention;                   // [B, Ho, Wo, G, K*K] contiguous, when the head's channels are one chunk
+  Global<acc_of<T>> grad_attention_partials;  // [channel chunks, B, Ho, Wo, G, K*K], when they are several
+  Global<acc_of<T>> ghost_mul_partials;       // [B * tiles, K*K, C] ghost partial sums
+  Global<acc_of<T>> ghost_add_partials;
   // Work split.
-  int tiles;        // tiles per image
-  int tile_pixels;  // pixels per tile (the last one may have fewer)
-  int P;            // pixels per step
-  int CVB, TB;      // channel vectors and taps per chunk
-  int c_chunks;     // chunks along the head's channel vectors; blockIdx.z = tap chunk * c_chunks + c chunk
+  int tiles_per_image;
+  int tile_pixels;     // pixels per tile (the last one may have fewer)
+  int step_pixels;     // pixels per step
+  int chunk_vectors;   // channel vectors per chunk
+  int chunk_taps;      // taps per chunk
+  int channel_chunks;  // chunks along the head's channel vectors; blockIdx.z = tap chunk * channel_chunks +
+                       // channel chunk
 };
 
 // What a thread keeps in registers across the steps of its tile.
@@ -356,19 +368,19 @@ struct StepPixel {
   int pad;
 };
 
-// Shared memory of one block: P step pixels, then P * CVB * TB weighted sums.
+// Shared memory of one block: step_pixels StepPixels, then step_pixels * chunk_vectors * chunk_taps weighted sums.
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_sums(const AttnGhostArgs<T>& A) {
-  return int64_t(A.P) * A.CVB * A.TB;
+  return int64_t(A.step_pixels) * A.chunk_vectors * A.chunk_taps;
 }
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_bytes(const AttnGhostArgs<T>& A) {
-  return int64_t(A.P) * sizeof(StepPixel) + attn_ghost_shared_sums(A) * sizeof(acc_of<T>);
+  return int64_t(A.step_pixels) * sizeof(StepPixel) + attn_ghost_shared_sums(A) * sizeof(acc_of<T>);
 }
 
 template <typename T>
 ELSA_HD int attn_ghost_t_chunks(const AttnGhostArgs<T>& A) {
-  return (A.g.K * A.g.K + A.TB - 1) / A.TB;
+  return (A.geometry.K * A.geometry.K + A.chunk_taps - 1) / A.chunk_taps;
 }
 
 // `Block` runs a lambda for each of its threads with that thread's AttnGhostThread (`threads`), gives the
@@ -378,59 +390,62 @@ template <typename T, int KT, int V, class Block>
 ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_index, int grp, int chunk) {
   using acc_t = acc_of<T>;
   using Thread = AttnGhostThread<acc_t, V>;
-  const Geo& g = A.g;
+  const Geometry<int>& g = A.geometry;
   const int K = kernel_size<KT>(g), r = K / 2, KK = K * K;
-  const int b = tile_index / A.tiles, tile = tile_index - b * A.tiles;
-  const int tc = chunk / A.c_chunks, cc = chunk - tc * A.c_chunks;
-  const int npairs = A.CVB * A.TB;
+  const int b = tile_index / A.tiles_per_image, tile = tile_index - b * A.tiles_per_image;
+  const int tc = chunk / A.channel_chunks, cc = chunk - tc * A.channel_chunks;
+  const int npairs = A.chunk_vectors * A.chunk_taps;
   const int pix0 = tile * A.tile_pixels;
   const int pix1 = pix0 + A.tile_pixels < g.Ho * g.Wo ? pix0 + A.tile_pixels : g.Ho * g.Wo;
-  const int cv_in_group = g.cpg / V;
+  const int cv_in_group = A.channels_per_group / V;
   const int64_t shared_bytes = attn_ghost_shared_bytes(A);
-  const Shared<StepPixel> s_pix = shared_region<StepPixel>(blk.shared(), shared_bytes, 0, A.P, "step pixels");
-  const Shared<acc_t> s_sum = shared_region<acc_t>(blk.shared(), shared_bytes, int64_t(A.P) * sizeof(StepPixel),
-                                                   attn_ghost_shared_sums(A), "weighted sums");
-  const bool need_attn = A.gh != nullptr || A.gh_part != nullptr;
-  const bool need_mul = A.part_mul != nullptr, need_add = A.part_add != nullptr;
+  const Shared<StepPixel> s_pix = shared_region<StepPixel>(blk.shared(), shared_bytes, 0, A.step_pixels, "step pixels");
+  const Shared<acc_t> s_sum =
+      shared_region<acc_t>(blk.shared(), shared_bytes, int64_t(A.step_pixels) * sizeof(StepPixel),
+                           attn_ghost_shared_sums(A), "weighted sums");
+  const bool need_attn = A.grad_attention != nullptr || A.grad_attention_partials != nullptr;
+  const bool need_mul = A.ghost_mul_partials != nullptr, need_add = A.ghost_add_partials != nullptr;
 
   blk.threads([&](int tid, Thread& th) {
     ELSA_UNROLL
     for (int k = 0; k < kPairsPerThread; ++k) {
       const int e = tid + k * kAttnThreads;
-      const int cvl = e % A.CVB, tl = e / A.CVB;
-      const int cv = cc * A.CVB + cvl, t = tc * A.TB + tl;
+      const int cvl = e % A.chunk_vectors, tl = e / A.chunk_vectors;
+      const int cv = cc * A.chunk_vectors + cvl, t = tc * A.chunk_taps + tl;
       th.live[k] = e < npairs && cv < cv_in_group && t < KK;
-      th.c[k] = grp * g.cpg + cv * V;
+      th.c[k] = grp * A.channels_per_group + cv * V;
       th.t[k] = t;
       const int p = t / K, q = t - p * K;
       th.dy[k] = (p - r) * g.dilation;
       th.dx[k] = (q - r) * g.dilation;
-      th.x_off[k] = th.dy[k] * A.xs.h + th.dx[k] * A.xs.w + th.c[k];
+      th.x_off[k] = th.dy[k] * A.feature_strides.row + th.dx[k] * A.feature_strides.column + th.c[k];
       ELSA_UNROLL
       for (int e2 = 0; e2 < V; ++e2) {
         th.mv[k][e2] = 1;
         th.sum_mul[k][e2] = 0;
         th.sum_add[k][e2] = 0;
       }
-      if (th.live[k] && A.m) load_acc<acc_t, V>(A.m + b * A.m_b + (int64_t(th.c[k] / V) * KK + t) * V, th.mv[k]);
+      if (th.live[k] && A.ghost_mul)
+        load_acc<acc_t, V>(A.ghost_mul + b * A.ghost_mul_batch_stride + (int64_t(th.c[k] / V) * KK + t) * V, th.mv[k]);
     }
   });
   blk.sync();
 
-  for (int start = pix0; start < pix1; start += A.P) {
+  for (int start = pix0; start < pix1; start += A.step_pixels) {
     // 1. the step's pixels
     blk.threads([&](int tid, Thread&) {
-      if (tid < A.P) {
+      if (tid < A.step_pixels) {
         const int pix = start + tid;
         StepPixel sp{};
         sp.pix = -1;
         if (pix < pix1) {
           const int i = pix / g.Wo, j = pix - i * g.Wo;
-          sp.go = b * A.gos.b + i * A.gos.h + j * A.gos.w;
+          sp.go = b * A.grad_out_strides.batch + i * A.grad_out_strides.row + j * A.grad_out_strides.column;
           sp.ys = i * g.stride;
           sp.xs = j * g.stride;
-          sp.x = b * A.xs.b + sp.ys * A.xs.h + sp.xs * A.xs.w;
-          sp.h = b * A.hs.b + i * A.hs.h + j * A.hs.w + grp * A.hs.g;
+          sp.x = b * A.feature_strides.batch + sp.ys * A.feature_strides.row + sp.xs * A.feature_strides.column;
+          sp.h = b * A.attention_strides.batch + i * A.attention_strides.row + j * A.attention_strides.column +
+                 grp * A.attention_strides.group;
           sp.pix = pix;
         }
         store(s_pix + tid, sp);
@@ -443,16 +458,16 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
       for (int k = 0; k < kPairsPerThread; ++k) {
         if (!th.live[k]) continue;
         const int e = tid + k * kAttnThreads;
-        for (int n = 0; n < A.P; ++n) {
+        for (int n = 0; n < A.step_pixels; ++n) {
           const StepPixel& sp = ref(s_pix + n);
           const int y = sp.ys + th.dy[k], xx = sp.xs + th.dx[k];
           acc_t weighted = 0;
           if (sp.pix >= 0 && y >= 0 && y < g.H && xx >= 0 && xx < g.W) {
             acc_t gv[V], xv[V];
-            load_vec<T, V>(A.go + sp.go + th.c[k], gv);
-            load_vec<T, V>(A.x + sp.x + th.x_off[k], xv);
+            load_vec<T, V>(A.grad_out + sp.go + th.c[k], gv);
+            load_vec<T, V>(A.features + sp.x + th.x_off[k], xv);
             acc_t w = 0;
-            if constexpr (kMul) w = static_cast<acc_t>(load(A.h + (sp.h + th.t[k])));
+            if constexpr (kMul) w = static_cast<acc_t>(load(A.attention + (sp.h + th.t[k])));
             ELSA_UNROLL
             for (int e2 = 0; e2 < V; ++e2) {
               const acc_t prod = gv[e2] * xv[e2];
@@ -476,21 +491,21 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
     // 3. the attention gradient: each (pixel, tap) summed over the chunk's channel vectors, in order
     if (need_attn) {
       blk.threads([&](int tid, Thread&) {
-        for (int n = 0; n < A.P; ++n) {
+        for (int n = 0; n < A.step_pixels; ++n) {
           const int pix = ref(s_pix + n).pix;
           if (pix < 0) continue;
           const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + pix) * g.G + grp;
-          for (int tl = tid; tl < A.TB; tl += kAttnThreads) {
-            const int t = tc * A.TB + tl;
+          for (int tl = tid; tl < A.chunk_taps; tl += kAttnThreads) {
+            const int t = tc * A.chunk_taps + tl;
             if (t >= KK) break;
             acc_t total = 0;
-            const Shared<acc_t> sums = s_sum + (n * npairs + tl * A.CVB);
-            for (int cvl = 0; cvl < A.CVB; ++cvl) total += load(sums + cvl);
-            if (A.gh) {
-              store(A.gh + (out_pix * KK + t), static_cast<T>(total));
+            const Shared<acc_t> sums = s_sum + (n * npairs + tl * A.chunk_vectors);
+            for (int cvl = 0; cvl < A.chunk_vectors; ++cvl) total += load(sums + cvl);
+            if (A.grad_attention) {
+              store(A.grad_attention + (out_pix * KK + t), static_cast<T>(total));
             } else {
               const int64_t numel = int64_t(g.B) * g.Ho * g.Wo * g.G * KK;
-              store(A.gh_part + (cc * numel + out_pix * KK + t), total);
+              store(A.grad_attention_partials + (cc * numel + out_pix * KK + t), total);
             }
           }
         }
@@ -507,8 +522,8 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
         const int64_t at = (int64_t(tile_index) * KK + th.t[k]) * g.C + th.c[k];
         ELSA_UNROLL
         for (int e2 = 0; e2 < V; ++e2) {
-          if (need_mul) store(A.part_mul + (at + e2), th.sum_mul[k][e2]);
-          if (need_add) store(A.part_add + (at + e2), th.sum_add[k][e2]);
+          if (need_mul) store(A.ghost_mul_partials + (at + e2), th.sum_mul[k][e2]);
+          if (need_add) store(A.ghost_add_partials + (at + e2), th.sum_add[k][e2]);
         }
       }
     });
@@ -519,26 +534,26 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
 // kernel, the tiles of image u for a per-image one), in tile order. One item per (u, t, c), c fastest.
 template <typename A>
 struct GhostReduceArgs {
-  Global<const A> part;  // [units * tiles_per_unit, K*K, C]
-  Global<A> out;         // [units, C, K*K]
-  int64_t units, tiles_per_unit, KK, C;
+  Global<const A> partials;  // [units * tiles_per_unit, K*K, C]
+  Global<A> output;          // [units, C, K*K]
+  int64_t units, tiles_per_unit, taps, channels;
 };
 
 template <typename A>
 ELSA_HD void ghost_reduce_item(const GhostReduceArgs<A>& R, int64_t item) {
-  const int64_t table = R.KK * R.C;
-  const int64_t u = item / table, rest = item - u * table, t = rest / R.C, c = rest - t * R.C;
+  const int64_t table = R.taps * R.channels;
+  const int64_t u = item / table, rest = item - u * table, t = rest / R.channels, c = rest - t * R.channels;
   A total = 0;
-  const Global<const A> p = R.part + (u * R.tiles_per_unit * table + t * R.C + c);
+  const Global<const A> p = R.partials + (u * R.tiles_per_unit * table + t * R.channels + c);
   for (int64_t k = 0; k < R.tiles_per_unit; ++k) total += load(p + k * table);
-  store(R.out + (u * table + c * R.KK + t), total);
+  store(R.output + (u * table + c * R.taps + t), total);
 }
 
 // Attention gradient of heads split into several channel chunks: the chunks' partials summed in order.
 template <typename T>
 struct ChunkSumArgs {
-  Global<const acc_of<T>> part;  // [chunks, numel]
-  Global<T> out;
+  Global<const acc_of<T>> partials;  // [chunks, numel]
+  Global<T> output;
   int64_t numel;
   int chunks;
 };
@@ -546,8 +561,8 @@ struct ChunkSumArgs {
 template <typename T>
 ELSA_HD void attn_chunk_sum_item(const ChunkSumArgs<T>& S, int64_t item) {
   acc_of<T> total = 0;
-  for (int k = 0; k < S.chunks; ++k) total += load(S.part + (k * S.numel + item));
-  store(S.out + item, static_cast<T>(total));
+  for (int k = 0; k < S.chunks; ++k) total += load(S.partials + (k * S.numel + item));
+  store(S.output + item, static_cast<T>(total));
 }
 
 }  // namespace elsa_op::gpu

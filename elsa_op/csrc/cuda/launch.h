@@ -101,11 +101,11 @@ inline at::Tensor attn_taps_last(const at::Tensor& h) {
   return h.size(2) == 1 || h.stride(2) == 1 ? h : h.permute({0, 3, 4, 1, 2}).contiguous().permute({0, 3, 4, 1, 2});
 }
 
-inline Strides strides_of(const at::Tensor& t) {
-  return Strides{t.stride(0), t.stride(2), t.stride(3)};
+inline PixelStrides strides_of(const at::Tensor& t) {
+  return PixelStrides{t.stride(0), t.stride(2), t.stride(3)};
 }
-inline AttnStrides attn_strides_of(const at::Tensor& h) {
-  return AttnStrides{h.stride(0), h.stride(3), h.stride(4), h.stride(1)};
+inline AttentionStrides attn_strides_of(const at::Tensor& h) {
+  return AttentionStrides{h.stride(0), h.stride(3), h.stride(4), h.stride(1)};
 }
 
 // Whether 16-byte vectors fit: whole vectors per head, and vector-aligned pointers and pixel strides.
@@ -138,22 +138,9 @@ inline void check_int32(const Geometry<int64_t>& g) {
               "use a smaller dilation or image, or the CPU operator");
 }
 
-template <int V>
-Geo make_geo(const Geometry<int64_t>& g) {
-  return Geo{int(g.B),
-             int(g.C),
-             int(g.H),
-             int(g.W),
-             int(g.G),
-             int(g.K),
-             int(g.dilation),
-             int(g.stride),
-             int(g.Ho),
-             int(g.Wo),
-             int(g.C / g.G),
-             int(g.C / V),
-             int(g.dilation / g.stride),
-             int(g.dilation % g.stride)};
+// The geometry in the kernels' 32-bit integers (check_int32 has checked that it fits).
+inline Geometry<int> geometry32(const Geometry<int64_t>& g) {
+  return g.as<int>();
 }
 
 // What the kernels get for a tensor (null for an undefined one): its data pointer on the GPU. In the CPU
@@ -197,13 +184,22 @@ at::Tensor gather_impl(Runner& run, const Geometry<int64_t>& g, const at::Tensor
     dispatch(src.scalar_type(), g.K, vectors_fit(g, {&src, &dst}), [&]<typename T, int KT, int V>() {
       using A = acc_of<T>;
       const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
-      const GatherArgs<T> args{
-          make_geo<V>(g),           global_ptr<const T>(src, kGradFeatures ? "grad_out" : "features"),
-          strides_of(src),          global_ptr<const T>(h, "attention"),
-          attn_strides_of(h),       global_ptr<const A>(m, "ghost_mul table"),
-          table_batch_stride(m, g), global_ptr<const A>(a, "ghost_add table"),
-          table_batch_stride(a, g), global_ptr<T>(dst, kGradFeatures ? "grad features" : "output"),
-          strides_of(dst)};
+      GatherArgs<T> args{};
+      args.geometry = geometry32(g);
+      args.channels_per_group = int(g.C / g.G);
+      args.channel_vectors = int(g.C / V);
+      args.dilation_div_stride = int(g.dilation / g.stride);
+      args.dilation_mod_stride = int(g.dilation % g.stride);
+      args.source = global_ptr<const T>(src, kGradFeatures ? "grad_out" : "features");
+      args.source_strides = strides_of(src);
+      args.attention = global_ptr<const T>(h, "attention");
+      args.attention_strides = attn_strides_of(h);
+      args.ghost_mul = global_ptr<const A>(m, "ghost_mul table");
+      args.ghost_mul_batch_stride = table_batch_stride(m, g);
+      args.ghost_add = global_ptr<const A>(a, "ghost_add table");
+      args.ghost_add_batch_stride = table_batch_stride(a, g);
+      args.destination = global_ptr<T>(dst, kGradFeatures ? "grad features" : "output");
+      args.destination_strides = strides_of(dst);
       run.template gather<T, KT, V, kGradFeatures>(args, int(g.B * rows));
     });
   }
@@ -230,28 +226,32 @@ at::Tensor backward_features_impl(Runner& run, const at::Tensor& grad_out, const
 
 // How the attention/ghost pass splits its work (see attn_ghost_block).
 struct AttnGhostPlan {
-  int CVB, TB, c_chunks, t_chunks, P, tiles, tile_pixels;
+  int chunk_vectors, chunk_taps;   // channel vectors and taps per chunk of a head
+  int channel_chunks, tap_chunks;  // chunks along the head's channel vectors and taps
+  int step_pixels;                 // pixels per step
+  int tiles_per_image, tile_pixels;
 };
 
 inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t acc_size) {
   AttnGhostPlan p{};
   const int cv = int(g.C / g.G / V), kk = int(g.taps());
-  // Largest divisor of the head's channel vectors with CVB * min(K*K, ...) pairs within kMaxPairs.
-  p.CVB = 1;
+  // Largest divisor of the head's channel vectors with chunk_vectors * min(K*K, ...) pairs within kMaxPairs.
+  p.chunk_vectors = 1;
   for (int d = 1; d <= cv; ++d)
-    if (cv % d == 0 && int64_t(d) * std::min(kk, kMaxPairs) <= kMaxPairs) p.CVB = d;
-  p.TB = std::min(kk, kMaxPairs / p.CVB);
-  p.c_chunks = cv / p.CVB;
-  p.t_chunks = (kk + p.TB - 1) / p.TB;
+    if (cv % d == 0 && int64_t(d) * std::min(kk, kMaxPairs) <= kMaxPairs) p.chunk_vectors = d;
+  p.chunk_taps = std::min(kk, kMaxPairs / p.chunk_vectors);
+  p.channel_chunks = cv / p.chunk_vectors;
+  p.tap_chunks = (kk + p.chunk_taps - 1) / p.chunk_taps;
   // Shared memory for the step's weighted sums: 32 KiB.
-  p.P = int(std::clamp<int64_t>(32768 / (int64_t(p.CVB) * p.TB * acc_size), 1, 8));
+  p.step_pixels = int(std::clamp<int64_t>(32768 / (int64_t(p.chunk_vectors) * p.chunk_taps * acc_size), 1, 8));
   // About 4096 blocks in all, each tile a multiple of P pixels. The split depends only on the shapes, so
   // the reduction order, and with it every bit of the result, is the same on every run and GPU.
-  const int64_t plane = g.Ho * g.Wo, others = std::max<int64_t>(1, g.B * g.G * p.c_chunks * p.t_chunks);
-  const int64_t want = std::clamp<int64_t>((4096 + others - 1) / others, 1, (plane + p.P - 1) / p.P);
-  const int64_t per_tile = ((plane + want - 1) / want + p.P - 1) / p.P * p.P;
+  const int64_t plane = g.Ho * g.Wo, others = std::max<int64_t>(1, g.B * g.G * p.channel_chunks * p.tap_chunks);
+  const int64_t want =
+      std::clamp<int64_t>((4096 + others - 1) / others, 1, (plane + p.step_pixels - 1) / p.step_pixels);
+  const int64_t per_tile = ((plane + want - 1) / want + p.step_pixels - 1) / p.step_pixels * p.step_pixels;
   p.tile_pixels = int(per_tile);
-  p.tiles = int((plane + per_tile - 1) / per_tile);
+  p.tiles_per_image = int((plane + per_tile - 1) / per_tile);
   return p;
 }
 
@@ -275,41 +275,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   if (!need_attn && !need_mul && !need_add) return {empty, gm, ga};
   const int V = vectors_fit(g, {&go, &x}) ? full_vector(x.scalar_type()) : 1;
   const auto plan = plan_attn_ghost(g, V, c10::elementSize(acc));
-  const int64_t tiles = g.B * plan.tiles;
-  TORCH_CHECK(tiles < (int64_t(1) << 31) && g.G <= kMaxGridY && int64_t(plan.c_chunks) * plan.t_chunks <= kMaxGridY,
-              "elsa (CUDA): too many heads or blocks for one launch");
+  const int64_t tiles = g.B * plan.tiles_per_image;
+  TORCH_CHECK(
+      tiles < (int64_t(1) << 31) && g.G <= kMaxGridY && int64_t(plan.channel_chunks) * plan.tap_chunks <= kMaxGridY,
+      "elsa (CUDA): too many heads or blocks for one launch");
   auto part_opts = x.options().dtype(acc);
   const auto part_mul = need_mul ? at::empty({tiles, g.taps(), g.C}, part_opts) : at::Tensor();
   const auto part_add = need_add ? at::empty({tiles, g.taps(), g.C}, part_opts) : at::Tensor();
   const auto gh_part =
-      need_attn && plan.c_chunks > 1 ? at::empty({plan.c_chunks, gh.numel()}, part_opts) : at::Tensor();
+      need_attn && plan.channel_chunks > 1 ? at::empty({plan.channel_chunks, gh.numel()}, part_opts) : at::Tensor();
   dispatch(x.scalar_type(), g.K, V > 1, [&]<typename T, int KT, int VV>() {
     using A = acc_of<T>;
     const auto m = need_attn ? ghost_table(ghost_mul, g, acc, VV) : at::Tensor();
     AttnGhostArgs<T> args{};
-    args.g = make_geo<VV>(g);
-    args.go = global_ptr<const T>(go, "grad_out");
-    args.gos = strides_of(go);
-    args.x = global_ptr<const T>(x, "features");
-    args.xs = strides_of(x);
-    args.h = need_mul ? global_ptr<const T>(h, "attention") : Global<const T>(nullptr);
-    args.hs = need_mul ? attn_strides_of(h) : AttnStrides{};
-    args.m = global_ptr<const A>(m, "ghost_mul table");
-    args.m_b = table_batch_stride(m, g);
-    args.gh = need_attn && plan.c_chunks == 1 ? global_ptr<T>(gh, "grad attention") : Global<T>(nullptr);
-    args.gh_part = global_ptr<A>(gh_part, "grad attention partials");
-    args.part_mul = global_ptr<A>(part_mul, "ghost_mul partials");
-    args.part_add = global_ptr<A>(part_add, "ghost_add partials");
-    args.tiles = plan.tiles;
+    args.geometry = geometry32(g);
+    args.channels_per_group = int(g.C / g.G);
+    args.grad_out = global_ptr<const T>(go, "grad_out");
+    args.grad_out_strides = strides_of(go);
+    args.features = global_ptr<const T>(x, "features");
+    args.feature_strides = strides_of(x);
+    args.attention = need_mul ? global_ptr<const T>(h, "attention") : Global<const T>(nullptr);
+    args.attention_strides = need_mul ? attn_strides_of(h) : AttentionStrides{};
+    args.ghost_mul = global_ptr<const A>(m, "ghost_mul table");
+    args.ghost_mul_batch_stride = table_batch_stride(m, g);
+    args.grad_attention =
+        need_attn && plan.channel_chunks == 1 ? global_ptr<T>(gh, "grad attention") : Global<T>(nullptr);
+    args.grad_attention_partials = global_ptr<A>(gh_part, "grad attention partials");
+    args.ghost_mul_partials = global_ptr<A>(part_mul, "ghost_mul partials");
+    args.ghost_add_partials = global_ptr<A>(part_add, "ghost_add partials");
+    args.tiles_per_image = plan.tiles_per_image;
     args.tile_pixels = plan.tile_pixels;
-    args.P = plan.P;
-    args.CVB = plan.CVB;
-    args.TB = plan.TB;
-    args.c_chunks = plan.c_chunks;
+    args.step_pixels = plan.step_pixels;
+    args.chunk_vectors = plan.chunk_vectors;
+    args.chunk_taps = plan.chunk_taps;
+    args.channel_chunks = plan.channel_chunks;
     if (tiles > 0) run.template attn_ghost<T, KT, VV>(args, int(tiles));
     if (gh_part.defined() && gh.numel() > 0)
       run.template chunk_sum<T>(ChunkSumArgs<T>{global_ptr<const A>(gh_part, "grad attention partials"),
-                                                global_ptr<T>(gh, "grad attention"), gh.numel(), plan.c_chunks});
+                                                global_ptr<T>(gh, "grad attention"), gh.numel(), plan.channel_chunks});
     for (auto [need, batched, part, out] :
          {std::tuple{need_mul, mul_batched, &part_mul, &gm}, std::tuple{need_add, add_batched, &part_add, &ga}}) {
       if (!need) continue;
@@ -318,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
       const GhostReduceArgs<A> r{tiles > 0 ? global_ptr<const A>(*part, "ghost partials") : Global<const A>(nullptr),
                                  global_ptr<A>(*out, "ghost gradient"),
                                  units,
-                                 batched ? plan.tiles : tiles,
+                                 batched ? plan.tiles_per_image : tiles,
                                  g.taps(),
                                  g.C};
       if (out->numel() > 0) run.template ghost_reduce<A>(r, out->numel());

@@ -65,13 +65,13 @@ struct CudaRunner {
 
   template <typename T, int KT, int V, bool kGradFeatures>
   void gather(const GatherArgs<T>& args, int rows) {
-    const auto n = item_grid(int64_t(kGradFeatures ? args.g.W : args.g.Wo) * args.g.CV, rows);
+    const auto n = item_grid(int64_t(kGradFeatures ? args.geometry.W : args.geometry.Wo) * args.channel_vectors, rows);
     gather_kernel<T, KT, V, kGradFeatures><<<dim3(unsigned(n.x), unsigned(n.y)), kItemThreads, 0, stream>>>(args, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T, int KT, int V>
   void attn_ghost(const AttnGhostArgs<T>& args, int blocks_x) {
-    const dim3 grid(blocks_x, args.g.G, args.c_chunks * attn_ghost_t_chunks(args));
+    const dim3 grid(blocks_x, args.geometry.G, args.channel_chunks * attn_ghost_t_chunks(args));
     attn_ghost_kernel<T, KT, V><<<grid, kAttnThreads, attn_ghost_shared_bytes(args), stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
