@@ -176,8 +176,12 @@ def test_emulated_indices_past_2_31(emu):
     del gx
     gh, gm, ga, _ = emu.backward_attn_ghost(gob, xb, hb, m, G, K, 1, 1, True, True, True, True, True, B - 1)
     assert_close_scaled(gh[-1:], gh_ref, dtype, "grad attention past 2^31")
-    assert_close_scaled(gm[-1:], gm_ref, torch.float32, "grad ghost_mul past 2^31")
-    assert_close_scaled(ga[-1:], ga_ref, torch.float32, "grad ghost_add past 2^31")
+    # The ghost gradients sum the products of 4096 pixels in float32, so their rounding grows with that count
+    # (about sqrt(4096) * 6e-8 relative to the largest); 1e-5 still fails on any wrong or missing term.
+    for got, want, name in ((gm, gm_ref, "ghost_mul"), (ga, ga_ref, "ghost_add")):
+        assert not torch.isnan(got[-1:]).any(), f"grad {name} past 2^31: elements no thread wrote"
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got[-1:].double() / scale, want.double() / scale, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
