@@ -7,7 +7,7 @@ and ``ELSAAttention`` (the layer). The ELSA-Swin models are in the ``elsa_swin``
 import torch  # noqa: F401  (loads the libtorch libraries that _C links against)
 
 try:
-    from . import _C  # noqa: F401  (registers the elsa_op::* operators)
+    from . import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the elsa_op::* operators)
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError(
         "elsa_op._C, the compiled ELSA operator, is not built or does not match this torch. "
@@ -15,10 +15,12 @@ except ImportError as e:  # pragma: no cover - depends on the build
         "(or run `bash run.sh setup`, which sets everything up)."
     ) from e
 
-from . import decomposition, flops  # noqa: F401  (the op in standard operators for exporters; FLOP formulas)
+# The fake kernels and autograd formula of the operators, then the op in standard operators for exporters
+# and its FLOP formulas: registrations, imported for their effect.
+from . import _registration, decomposition, flops  # noqa: F401
 from .checks import check_elsa_args
+from .functional import BACKENDS, elsa_function
 from .layers import ELSAAttention
-from .ops import BACKENDS, elsa_function
 from .reference import elsa_reference
 
 __all__ = ["BACKENDS", "ELSAAttention", "check_elsa_args", "elsa_function", "elsa_reference"]
