@@ -109,7 +109,7 @@ def main() -> None:
     elsa = timm.create_model("elsa_swin_tiny", img_size=args.img_size).to(device, memory_format=fmt)
     rows = [("swin_tiny_patch4_window7_224 (timm)", swin), ("elsa_swin_tiny (elsa_op)", elsa)]
     if with_unfold:
-        unfold = timm.create_model("elsa_swin_tiny", img_size=args.img_size, elsa_backend="reference")
+        unfold = timm.create_model("elsa_swin_tiny", img_size=args.img_size, backend="reference")
         unfold = unfold.to(device, memory_format=fmt)
         unfold.load_state_dict(elsa.state_dict())
         rows.append(("elsa_swin_tiny (unfold path)", unfold))

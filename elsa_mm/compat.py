@@ -11,8 +11,8 @@ Loading with torch >= 2.6:
 torch.load defaults to weights_only=True since 2.6. mmengine 0.10.7's Runner stores numpy arrays, scalars
 and dtypes (and its HistoryBuffer objects) in a checkpoint's message hub, which that loader refuses, so
 mmengine cannot load the checkpoints it wrote. Two changes, made by :func:`allow_mmengine_checkpoints`
-(which our tools call, and the ``MMEngineCheckpointHook`` of our configs calls for mmdet's and mmseg's
-own tools), make them loadable with weights_only=True:
+(which our tools call, and which :class:`elsa_mm.SafeCheckpointHook`, in our configs' ``custom_hooks``,
+calls for mmdet's and mmseg's own tools), make them loadable with weights_only=True:
 
 - those numpy types and HistoryBuffer are allowed as safe globals;
 - HistoryBuffer no longer pickles its built-in statistics functions (min, max, current, mean). Pickle
@@ -32,7 +32,7 @@ from elsa_swin.files import atomic_write_bytes
 _DEFAULT_STATISTICS = ("min", "max", "current", "mean")
 
 
-def _history_buffer_getstate(self) -> dict:
+def _history_buffer_getstate(self: HistoryBuffer) -> dict:
     state = dict(self.__dict__)
     custom = {k: v for k, v in self._statistics_methods.items() if k not in _DEFAULT_STATISTICS}
     state.pop("statistics_methods", None)
@@ -56,11 +56,11 @@ def allow_mmengine_checkpoints() -> None:
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend, writing through a temporary file and a rename."""
 
-    def put(self, obj: bytes, filepath) -> None:
+    def put(self, obj: bytes, filepath: str | Path) -> None:
         Path(filepath).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(filepath, obj)
 
-    def put_text(self, obj: str, filepath, encoding: str = "utf-8") -> None:
+    def put_text(self, obj: str, filepath: str | Path, encoding: str = "utf-8") -> None:
         self.put(obj.encode(encoding), filepath)
 
 

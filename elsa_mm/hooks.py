@@ -1,9 +1,14 @@
 """A Runner hook that our configs add, so that mmdet's and mmseg's own tools get what ours do."""
 
+from typing import TYPE_CHECKING
+
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from .compat import allow_mmengine_checkpoints, write_checkpoints_atomically
+
+if TYPE_CHECKING:
+    from mmengine.runner import Runner
 
 
 @HOOKS.register_module()
@@ -17,6 +22,6 @@ class SafeCheckpointHook(Hook):
 
     priority = "VERY_HIGH"
 
-    def before_run(self, runner) -> None:
+    def before_run(self, runner: "Runner") -> None:
         allow_mmengine_checkpoints()
         write_checkpoints_atomically()

@@ -10,16 +10,17 @@ attention, the packed ghost kernels, ``head.``) onto timm's layout.
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates
+from timm.layers import ClassifierHead, PatchEmbed
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .blocks import ELSASwinStage, init_linear
+from .blocks import ELSASwinStage, accept_renamed_args, build_stages, init_linear, stage_input_resolution
 from .checkpoint import map_original_names, unwrap_state_dict
 
 __all__ = ["ELSASwinTransformer", "checkpoint_filter_fn"]
@@ -29,18 +30,36 @@ class ELSASwinTransformer(nn.Module):
     """Swin Transformer whose stages listed in ``elsa_stages`` use ELSA blocks instead of window attention.
 
     Args:
-        img_size: input size the window-attention stages are built for (other sizes work, see
-            ``set_input_size``). patch_size, in_chans, num_classes, global_pool: as in timm's Swin.
-        embed_dim: channels of stage 1 (doubled at each later stage). depths, num_heads: per stage.
-        window_size: window of the Swin stages. elsa_kernel: K of the ELSA stages.
-        group_width: channels per group of ELSA's attention conv. lam, gamma: ghost head (see ELSAAttention).
-        elsa_stages: which stages use ELSA. Default: the first three.
-        mlp_ratio, qkv_bias, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: as in timm's Swin.
-        elsa_backend: the ELSA operator's implementation, ``"kernels"`` (compiled) or ``"reference"``
-            (pure PyTorch). Default: ``"kernels"``.
-        device, dtype: where and in which dtype to create the parameters, as for every timm model.
+        img_size (int | tuple[int, int]): input size the window-attention stages are built for (other
+            sizes work, see :meth:`set_input_size`). Default: 224.
+        patch_size (int): patch size of the embedding. Default: 4.
+        in_chans (int): input channels. Default: 3.
+        num_classes (int): classes of the head; 0 for no head. Default: 1000.
+        global_pool (str): pooling before the head, ``"avg"`` or ``""``. Default: ``"avg"``.
+        embed_dim (int): channels of stage 1, doubled at each later stage. Default: 96.
+        depths (Sequence[int]): blocks per stage. Default: (2, 2, 6, 2).
+        num_heads (Sequence[int]): attention heads per stage. Default: (3, 6, 12, 24).
+        window_size (int): window of the window-attention stages. Default: 7.
+        kernel_size (int): window size K of the ELSA stages (former name: ``elsa_kernel``). Default: 7.
+        group_width (int): channels per group of ELSA's attention conv. Default: 8.
+        lam (float): exponent of ELSA's multiplicative ghost kernel; 0 leaves it out. Default: 0.
+        gamma (float): scale of ELSA's additive ghost kernel; 0 leaves it out. Default: 1.
+        elsa_stages (Sequence[bool]): which stages use ELSA. Default: the first three of four.
+        mlp_ratio (float): hidden width of the MLPs. Default: 4.
+        qkv_bias (bool): bias of the q/k/v projections. Default: True.
+        drop_rate (float): dropout before the classifier. Default: 0.
+        proj_drop_rate (float): dropout after the projections and in the MLPs. Default: 0.
+        attn_drop_rate (float): dropout on the attention. Default: 0.
+        drop_path_rate (float): stochastic depth of the last block, rising linearly from 0. Default: 0.1.
+        norm_layer (type[nn.Module]): norm layer. Default: nn.LayerNorm.
+        backend (str): the ELSA operator's implementation, ``"kernels"`` (compiled) or ``"reference"``
+            (pure PyTorch) (former name: ``elsa_backend``). Default: ``"kernels"``.
+        device (torch.device | str | None): where to create the parameters, as for every timm model.
+            Default: None.
+        dtype (torch.dtype | None): dtype of the parameters. Default: None.
     """
 
+    @accept_renamed_args
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -52,7 +71,7 @@ class ELSASwinTransformer(nn.Module):
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         window_size: int = 7,
-        elsa_kernel: int = 7,
+        kernel_size: int = 7,
         group_width: int = 8,
         lam: float = 0.0,
         gamma: float = 1.0,
@@ -63,16 +82,17 @@ class ELSASwinTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        norm_layer: type = nn.LayerNorm,
-        elsa_backend: str = "kernels",
-        device=None,
-        dtype=None,
-    ):
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        backend: str = "kernels",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        if len(depths) != len(num_heads) or len(depths) != len(elsa_stages):
+        dd: dict[str, Any] = dict(device=device, dtype=dtype)
+        if not len(depths) == len(num_heads) == len(elsa_stages):
             raise ValueError(
-                f"depths, num_heads and elsa_stages need one entry per stage: {depths=} {num_heads=} {elsa_stages=}"
+                "depths, num_heads and elsa_stages need one entry per stage: "
+                f"depths={tuple(depths)} num_heads={tuple(num_heads)} elsa_stages={tuple(elsa_stages)}"
             )
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -82,7 +102,10 @@ class ELSASwinTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.window_size = window_size
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.feature_info = []
+        self.feature_info = [
+            dict(num_chs=embed_dim * 2**i, reduction=patch_size * 2**i, module=f"layers.{i}")
+            for i in range(self.num_layers)
+        ]
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -94,40 +117,26 @@ class ELSASwinTransformer(nn.Module):
             output_fmt="NHWC",
             **dd,
         )
-        grid = self.patch_embed.grid_size
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, grouped by stage
-        layers = []
-        in_dim = embed_dim
-        for i in range(self.num_layers):
-            out_dim = embed_dim * 2**i
-            scale = 2 ** max(i - 1, 0)
-            layers.append(
-                ELSASwinStage(
-                    dim=in_dim,
-                    out_dim=out_dim,
-                    input_resolution=((grid[0] + scale - 1) // scale, (grid[1] + scale - 1) // scale),
-                    depth=depths[i],
-                    downsample=i > 0,
-                    num_heads=num_heads[i],
-                    use_elsa=elsa_stages[i],
-                    window_size=window_size,
-                    elsa_kernel=elsa_kernel,
-                    group_width=group_width,
-                    lam=lam,
-                    gamma=gamma,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    norm_layer=norm_layer,
-                    elsa_backend=elsa_backend,
-                    **dd,
-                )
-            )
-            in_dim = out_dim
-            self.feature_info.append(dict(num_chs=out_dim, reduction=patch_size * 2**i, module=f"layers.{i}"))
-        self.layers = nn.Sequential(*layers)
+        self.layers = build_stages(
+            embed_dim,
+            depths,
+            num_heads,
+            self.patch_embed.grid_size,
+            elsa_stages=elsa_stages,
+            window_size=window_size,
+            kernel_size=kernel_size,
+            group_width=group_width,
+            lam=lam,
+            gamma=gamma,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
+            backend=backend,
+            **dd,
+        )
         self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
@@ -139,8 +148,7 @@ class ELSASwinTransformer(nn.Module):
         self.patch_embed.set_input_size(img_size=img_size)
         grid = self.patch_embed.grid_size
         for i, stage in enumerate(self.layers):
-            scale = 2 ** max(i - 1, 0)
-            stage.set_input_size(((grid[0] + scale - 1) // scale, (grid[1] + scale - 1) // scale), self.window_size)
+            cast(ELSASwinStage, stage).set_input_size(stage_input_resolution(grid, i), self.window_size)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -166,15 +174,17 @@ class ELSASwinTransformer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
-            stage.grad_checkpointing = enable
+            cast(ELSASwinStage, stage).grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head with ``num_classes`` outputs (0: none), on the device and in the dtype of the model's
+        parameters (also after the head was removed, when the head itself has none to go by)."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
         if global_pool is not None:
             self.global_pool = global_pool
 
@@ -235,7 +245,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: ELSASwinTransformer)
     return map_original_names(state_dict, model)
 
 
-def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
+def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> ELSASwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
     return build_model_with_cfg(
         ELSASwinTransformer,
@@ -247,7 +257,7 @@ def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs) -> ELSAS
     )
 
 
-def _cfg(**kwargs) -> dict[str, Any]:
+def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
         "num_classes": 1000,
@@ -279,28 +289,28 @@ default_cfgs = generate_default_cfgs(
 
 
 @register_model
-def elsa_swin_nano(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
+def elsa_swin_nano(pretrained: bool = False, **kwargs: Any) -> ELSASwinTransformer:
     """A narrow ELSA-Swin (embed 32, depths 2-2-2-2) for demos and tests; not a published model."""
     args = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4)
     return _create_elsa_swin("elsa_swin_nano", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def elsa_swin_tiny(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
+def elsa_swin_tiny(pretrained: bool = False, **kwargs: Any) -> ELSASwinTransformer:
     """ELSA-Swin-T, 29M parameters, 82.7% ImageNet-1k top-1 (paper)."""
     args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), group_width=4)
     return _create_elsa_swin("elsa_swin_tiny", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def elsa_swin_small(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
+def elsa_swin_small(pretrained: bool = False, **kwargs: Any) -> ELSASwinTransformer:
     """ELSA-Swin-S, 53M parameters, 83.5% ImageNet-1k top-1 (paper)."""
     args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
     return _create_elsa_swin("elsa_swin_small", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def elsa_swin_base(pretrained: bool = False, **kwargs) -> ELSASwinTransformer:
+def elsa_swin_base(pretrained: bool = False, **kwargs: Any) -> ELSASwinTransformer:
     """ELSA-Swin-B, 93M parameters, 84.0% ImageNet-1k top-1 (paper)."""
     args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
     return _create_elsa_swin("elsa_swin_base", pretrained=pretrained, **dict(args, **kwargs))
