@@ -112,7 +112,7 @@ at::Tensor launch_backward_attn(const Geometry<int64_t>& g, const at::Tensor& gr
   return gh.to(features.scalar_type()).permute({0, 3, 4, 1, 2});
 }
 
-// Partial sums over fixed blocks of output rows (never split by thread), then a sum of the blocks in order,
+// Partial sums over fixed tiles of output rows (never split by thread), then a sum of the tiles in order,
 // in double: the result does not depend on the number of threads.
 std::tuple<at::Tensor, at::Tensor> launch_backward_ghost(const Geometry<int64_t>& g, const at::Tensor& grad_out,
                                                          const at::Tensor& features,
@@ -121,11 +121,11 @@ std::tuple<at::Tensor, at::Tensor> launch_backward_ghost(const Geometry<int64_t>
   const auto type = accumulation_type(features.scalar_type());
   const auto go = as_channels_last(grad_out, type), x = as_channels_last(features, type);
   const auto h = need_mul ? attn_taps_last(*h_attn, type) : at::Tensor();
-  const int64_t block_rows = std::max<int64_t>(1, 512 / g.Wo);
-  const int64_t blocks_per_image = (g.Ho + block_rows - 1) / block_rows, blocks = g.B * blocks_per_image;
+  const int64_t tile_rows = std::max<int64_t>(1, 512 / g.Wo);
+  const int64_t tiles_per_image = (g.Ho + tile_rows - 1) / tile_rows, tiles = g.B * tiles_per_image;
   const int64_t table = g.taps() * g.C;
-  const auto part_mul = need_mul ? at::zeros({blocks, table}, x.options()) : at::Tensor();
-  const auto part_add = need_add ? at::zeros({blocks, table}, x.options()) : at::Tensor();
+  const auto part_mul = need_mul ? at::zeros({tiles, table}, x.options()) : at::Tensor();
+  const auto part_add = need_add ? at::zeros({tiles, table}, x.options()) : at::Tensor();
   const auto strides = grid_strides(x, go);
   const int64_t units = batched ? g.B : 1;
   auto sum_mul = at::empty({need_mul ? units : 0, g.C, g.taps()}, x.options().dtype(at::kDouble));
@@ -134,17 +134,17 @@ std::tuple<at::Tensor, at::Tensor> launch_backward_ghost(const Geometry<int64_t>
     const auto& kernels = selected_kernels<scalar_t>();
     scalar_t* pm = need_mul ? part_mul.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* pa = need_add ? part_add.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t b = blk / blocks_per_image, row0 = (blk % blocks_per_image) * block_rows;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t b = tile / tiles_per_image, row0 = (tile % tiles_per_image) * tile_rows;
         kernels.grad_ghost(g, strides, go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                           need_mul ? h.const_data_ptr<scalar_t>() : nullptr, pm ? pm + blk * table : nullptr,
-                           pa ? pa + blk * table : nullptr, b, row0, std::min(g.Ho, row0 + block_rows));
+                           need_mul ? h.const_data_ptr<scalar_t>() : nullptr, pm ? pm + tile * table : nullptr,
+                           pa ? pa + tile * table : nullptr, b, row0, std::min(g.Ho, row0 + tile_rows));
       }
     });
-    // sum[u, c, t] = sum of part[blk, t, c] over the blocks of unit u (one image, or all of them).
-    const int64_t blocks_per_unit = blocks / units;
-    // (Asked for by flag: an empty batch has no blocks, so its parts may have no storage, and its sums are 0.)
+    // sum[u, c, t] = sum of part[tile, t, c] over the tiles of unit u (one image, or all of them).
+    const int64_t tiles_per_unit = tiles / units;
+    // (Asked for by flag: an empty batch has no tiles, so its parts may have no storage, and its sums are 0.)
     for (auto [needed, part, sum] : {std::tuple{need_mul, pm, &sum_mul}, std::tuple{need_add, pa, &sum_add}}) {
       if (!needed) continue;
       double* dst = sum->mutable_data_ptr<double>();
@@ -152,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor> launch_backward_ghost(const Geometry<int64_t>
         for (int64_t e = begin; e < end; ++e) {
           const int64_t u = e / table, c = (e % table) / g.taps(), t = e % g.taps();
           double total = 0;
-          for (int64_t blk = u * blocks_per_unit; blk < (u + 1) * blocks_per_unit; ++blk)
-            total += part[blk * table + t * g.C + c];
+          for (int64_t tile = u * tiles_per_unit; tile < (u + 1) * tiles_per_unit; ++tile)
+            total += part[tile * table + t * g.C + c];
           dst[e] = total;
         }
       });
