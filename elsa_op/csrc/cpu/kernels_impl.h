@@ -345,50 +345,52 @@ void grad_ghost_rows_impl(const Geometry<int64_t>& geo, const GridStrides& strid
     }
 }
 
+// Calls f.template operator()<flags...>() with the runtime flags as template arguments: each combination
+// gets its own instantiation, with the work of an absent ghost kernel compiled out of its inner loops.
+template <bool... kFlags, typename F>
+inline void with_flags(F&& f) {
+  f.template operator()<kFlags...>();
+}
+
+template <bool... kFlags, typename... Rest>
+inline void with_flags(bool flag, Rest&&... rest) {
+  if (flag)
+    with_flags<kFlags..., true>(static_cast<Rest&&>(rest)...);
+  else
+    with_flags<kFlags..., false>(static_cast<Rest&&>(rest)...);
+}
+
 template <typename T>
 void forward_rows(const Geometry<int64_t>& geo, const GridStrides& strides, const T* x, const T* h, Ghost<T> ghost,
                   T* out, int64_t row0, int64_t row1) {
-  if (ghost.mul && ghost.add)
-    forward_rows_impl<T, true, true>(geo, strides, x, h, ghost, out, row0, row1);
-  else if (ghost.mul)
-    forward_rows_impl<T, true, false>(geo, strides, x, h, ghost, out, row0, row1);
-  else if (ghost.add)
-    forward_rows_impl<T, false, true>(geo, strides, x, h, ghost, out, row0, row1);
-  else
-    forward_rows_impl<T, false, false>(geo, strides, x, h, ghost, out, row0, row1);
+  with_flags(ghost.mul != nullptr, ghost.add != nullptr, [&]<bool kMul, bool kAdd>() {
+    forward_rows_impl<T, kMul, kAdd>(geo, strides, x, h, ghost, out, row0, row1);
+  });
 }
 
 template <typename T>
 void grad_features_rows(const Geometry<int64_t>& geo, const GridStrides& strides, const T* go, const T* h,
                         Ghost<T> ghost, T* gx, int64_t row0, int64_t row1) {
-  if (ghost.mul && ghost.add)
-    grad_features_rows_impl<T, true, true>(geo, strides, go, h, ghost, gx, row0, row1);
-  else if (ghost.mul)
-    grad_features_rows_impl<T, true, false>(geo, strides, go, h, ghost, gx, row0, row1);
-  else if (ghost.add)
-    grad_features_rows_impl<T, false, true>(geo, strides, go, h, ghost, gx, row0, row1);
-  else
-    grad_features_rows_impl<T, false, false>(geo, strides, go, h, ghost, gx, row0, row1);
+  with_flags(ghost.mul != nullptr, ghost.add != nullptr, [&]<bool kMul, bool kAdd>() {
+    grad_features_rows_impl<T, kMul, kAdd>(geo, strides, go, h, ghost, gx, row0, row1);
+  });
 }
 
 template <typename T>
 void grad_attn_rows(const Geometry<int64_t>& geo, const GridStrides& strides, const T* go, const T* x, const T* mul,
                     int64_t mul_batch_stride, T* gh, int64_t row0, int64_t row1) {
-  if (mul)
-    grad_attn_rows_impl<T, true>(geo, strides, go, x, mul, mul_batch_stride, gh, row0, row1);
-  else
-    grad_attn_rows_impl<T, false>(geo, strides, go, x, mul, mul_batch_stride, gh, row0, row1);
+  with_flags(mul != nullptr, [&]<bool kMul>() {
+    grad_attn_rows_impl<T, kMul>(geo, strides, go, x, mul, mul_batch_stride, gh, row0, row1);
+  });
 }
 
 template <typename T>
 void grad_ghost_rows(const Geometry<int64_t>& geo, const GridStrides& strides, const T* go, const T* x, const T* h,
                      T* gm, T* ga, int64_t b, int64_t row0, int64_t row1) {
-  if (gm && ga)
-    grad_ghost_rows_impl<T, true, true>(geo, strides, go, x, h, gm, ga, b, row0, row1);
-  else if (gm)
-    grad_ghost_rows_impl<T, true, false>(geo, strides, go, x, h, gm, ga, b, row0, row1);
-  else if (ga)
-    grad_ghost_rows_impl<T, false, true>(geo, strides, go, x, h, gm, ga, b, row0, row1);
+  with_flags(gm != nullptr, ga != nullptr, [&]<bool kMul, bool kAdd>() {
+    // Neither gradient asked for: nothing to add.
+    if constexpr (kMul || kAdd) grad_ghost_rows_impl<T, kMul, kAdd>(geo, strides, go, x, h, gm, ga, b, row0, row1);
+  });
 }
 
 template <typename T>
