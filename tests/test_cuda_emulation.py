@@ -200,12 +200,14 @@ def _strided(t, strides_offset):
 
 
 def _channels_last_strides(B, C, H, W, pixel=None, row=None, batch=None):
+    """Strides of a [B, C, H, W] view of channels-last memory; rows and images padded to whole 8-element
+    vectors unless given, so that each case puts exactly one stride off the vector."""
     pixel = pixel or C
-    row = row or W * pixel
-    return (batch or H * row, 1, row, pixel)
+    row = row or -(-W * pixel // 8) * 8
+    return (batch or -(-H * row // 8) * 8, 1, row, pixel)
 
 
-# (name, which tensors, strides of the odd view for a [B, C, H, W] tensor, storage offset in elements).
+# (strides of the odd view for a [B, C, H, W] tensor, storage offset in elements), given the element size.
 # C = 16 channels: 4 float32 vectors or 2 bfloat16 vectors per pixel in dense memory.
 ODD_MEMORY = {
     "offset 4 bytes": lambda B, C, H, W, item: (_channels_last_strides(B, C, H, W), 4 // item),
@@ -242,6 +244,10 @@ def test_emulated_memory_off_vector_alignment_takes_the_scalar_kernels(emu, memo
         else go.contiguous(memory_format=torch.channels_last)
     )
     aligned = [t.data_ptr() % 16 == 0 and all(t.stride(k) % full == 0 for k in (0, 2, 3)) for t in (xl, gol)]
+    if memory.endswith("stride not whole vectors"):  # that stride alone is off: each condition is tested alone
+        odd_view = xl if odd != "grad_out" else gol
+        off = [k for k in (0, 2, 3) if odd_view.stride(k) % full]
+        assert off == [{"batch": 0, "row": 2, "pixel": 3}[memory.split()[0]]] and odd_view.data_ptr() % 16 == 0
     assert aligned[0] == (odd == "grad_out") and aligned[1] == (odd == "features"), "the case must be off alignment"
     ran = _check_tensors(emu, x, h, go, m, a, xl, hl, gol, G, K, d, s, subsets=[(True, True, True)])
     vec = {True: f"<{K},{full}>", False: "<0,1>"}
