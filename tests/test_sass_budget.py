@@ -134,3 +134,22 @@ def test_the_estimates_arithmetic(tool):
     assert e.roofline_ms == pytest.approx(544.3e6 / 3.35e12 * 1e3, rel=1e-3)
     assert e.issue_ms == pytest.approx(4 * 1.888e9 / (132 * 4 * 32 * 1.98e9) * 1e3, rel=1e-3)
     assert 2 * 1.888e9 / (132 * 128 * 1.98e9) * 1e3 == pytest.approx(0.113, rel=0.01)
+
+
+def test_measured_kernel_times_are_read_from_bench_op(tool, tmp_path):
+    """gpu_check.sh puts bench_op.py --split's stage-1, channels-last, batch-128 times beside the estimates."""
+    log = tmp_path / "bench.log"
+    log.write_text(
+        "# elsa_op vs unfold, forward+backward, NVIDIA H200, torch 2.11, batch 128, ghost add, median of 5\n"
+        "| shape | dtype | layout | kernel | ms | MB moved |\n|---|---|---|---|---|---|\n"
+        "| stage1 | float32 | channels_last | forward | 0.512 | 544 |\n"
+        "| stage1 | bfloat16 | channels_last | grad attn+ghost | 0.700 | 272 |\n"
+        "| stage1 | float32 | nchw | forward | 0.900 | 544 |\n"
+        "| stage2 | float32 | channels_last | forward | 0.300 | 272 |\n"
+        "# elsa_op vs unfold, forward+backward, NVIDIA H200, torch 2.11, batch 8, ghost add, median of 5\n"
+        "| stage1 | float32 | channels_last | grad features | 0.100 | 34 |\n"
+    )
+    assert tool.measured_times(log) == {("forward", "float32"): 0.512, ("attn+ghost", "bfloat16"): 0.7}
+    assert [d.name for d in tool.pick_devices("NVIDIA H200")] == ["H200"]
+    assert [d.name for d in tool.pick_devices("NVIDIA H100 80GB HBM3")] == ["H100 SXM"]
+    assert len(tool.pick_devices("Stand-in GPU")) == len(tool.DEVICES)
