@@ -1,12 +1,16 @@
-"""Small ImageFolder datasets and runs of the cls/ scripts for the classification tests."""
+"""Small ImageFolder datasets and runs of the cls/ tools for the classification tests: `run` in a separate
+process, as a user runs them, `tool_error` in this one for the errors a tool stops with."""
 
 import csv
+import importlib
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 CLS = Path(__file__).resolve().parents[1] / "cls"
@@ -29,6 +33,25 @@ def write_digits(root: Path, per_class: int = 30, val_per_class: int = 10) -> Pa
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((img * 15.9).astype(np.uint8)).convert("RGB").resize((32, 32)).save(folder / f"{n}.png")
     return root
+
+
+def tool_error(tool: str, args: list[str]) -> str:
+    """The error with which cls/<tool>.py stops for `args`, from its main(args) in this process.
+
+    The tools turn every bad input into SystemExit("error: ..."), which Python prints as the last line of
+    stderr with no traceback; any other exception fails the test. The message must be one line."""
+    main = importlib.import_module(f"elsa_cls.{tool}").main
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+    finally:  # the tools add their console handler to the root logger: leave it as it was
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    message = stop.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    return message
 
 
 def run(args, **kwargs):

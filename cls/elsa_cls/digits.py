@@ -12,13 +12,17 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.size < 1:
+        raise SystemExit(f"error: --size must be at least 1, got {args.size}")
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit(f"error: --val-fraction must be in [0, 1), got {args.val_fraction}")
     if (args.out / "val").is_dir() and any((args.out / "val").rglob("*.png")):
         print(f"{args.out} already holds the digits")
         return
