@@ -2,6 +2,8 @@
 # One entry point that sets everything up, then runs a job:
 #   bash run.sh demo    train a small ELSA-Swin on scikit-learn's digits and evaluate it on the held-out split
 #   bash run.sh test    run the test suite
+#   bash run.sh check   run the checks CI runs before the tests: ruff (lint, format), mypy, clang-format,
+#                       and the docs site (mkdocs build --strict)
 #   bash run.sh bench   run the benchmarks
 #   bash run.sh setup   only set up (.venv/, dependencies, the compiled operator)
 # The set-up is idempotent: a second run reuses .venv/ and the built extension and takes seconds.
@@ -47,11 +49,25 @@ setup() {
     { cat "$VENV/build_ext.log"; log "building elsa_op._C failed"; exit 1; }
 }
 
+check() {
+  local bin=$VENV/bin site
+  log "ruff check"; "$bin/ruff" check .
+  log "ruff format --check"; "$bin/ruff" format --check .
+  log "mypy"; "$bin/mypy"
+  log "clang-format"
+  git ls-files -z 'elsa_op/csrc/*' 'tests/cuda_emulation/*' | grep -zE '[.](h|cpp|cu|cuh)$' |
+    xargs -0 "$bin/clang-format" --dry-run --Werror
+  site=$(mktemp -d)
+  log "mkdocs build --strict"; NO_MKDOCS_2_WARNING=1 "$bin/mkdocs" build --strict -q -d "$site"
+  rm -rf "$site"
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   test) setup; exec "$PY" -m pytest tests -q "$@" ;;
+  check) setup; check ;;
   bench) setup; "$PY" benchmarks/bench_op.py "$@" ;;
   demo)
     setup
@@ -71,5 +87,5 @@ case "$cmd" in
     log "held-out top-1 in output/digits-demo/val_results.json; training curves in output/digits-demo/curves.png;"
     log "attention of a held-out digit in output/digits-demo/attention.png"
     ;;
-  *) echo "usage: bash run.sh {demo|test|bench|setup} [args]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh {demo|test|check|bench|setup} [args]" >&2; exit 2 ;;
 esac
