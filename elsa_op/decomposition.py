@@ -26,7 +26,19 @@ __all__ = ["elsa_forward_decomposition"]
 
 def _tap(padded: Tensor, row: int, col: int, rows: int, cols: int, stride: int) -> Tensor:
     """The padded features seen from one tap: ``padded[..., row + i * stride, col + j * stride]`` for
-    ``i < rows``, ``j < cols`` (a strided slice of the last two axes, which exporters write as one Slice)."""
+    ``i < rows``, ``j < cols`` (a strided slice of the last two axes, which exporters write as one Slice).
+
+    Args:
+        padded (Tensor[..., Hp, Wp]): the zero-padded features.
+        row (int): the tap's first row.
+        col (int): the tap's first column.
+        rows (int): output rows Ho.
+        cols (int): output columns Wo.
+        stride (int): the output stride.
+
+    Returns:
+        Tensor[..., Ho, Wo]: a view of ``padded``.
+    """
     span_h, span_w = (rows - 1) * stride + 1, (cols - 1) * stride + 1
     return padded[..., row : row + span_h : stride, col : col + span_w : stride]
 

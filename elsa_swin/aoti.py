@@ -133,6 +133,7 @@ def load_package(path: Path) -> Any:
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
+    """Args: out (Tensor | tuple[Tensor, ...]): a model's output. Returns: list[Tensor]: its tensors."""
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
@@ -160,7 +161,14 @@ def max_difference(
 
 def _dense_backbone(classifier: torch.nn.Module) -> torch.nn.Module:
     """The detection/segmentation backbone (``elsa_mm.ELSASwin``) of ``classifier``'s architecture,
-    with its weights (the final norm and head aside; the backbone's per-output norms stay at their init)."""
+    with its weights (the final norm and head aside; the backbone's per-output norms stay at their init).
+
+    Args:
+        classifier (nn.Module): an :class:`elsa_swin.ELSASwinTransformer`.
+
+    Returns:
+        nn.Module: the backbone.
+    """
     try:
         from elsa_mm import ELSASwin
     except ImportError as e:
@@ -180,6 +188,7 @@ def _dense_backbone(classifier: torch.nn.Module) -> torch.nn.Module:
 
 
 def _build(args: argparse.Namespace) -> torch.nn.Module:
+    """Args: args (argparse.Namespace): the parsed command line. Returns: nn.Module: the model to package."""
     state = None
     if args.checkpoint:
         state = unwrap_state_dict(load_checkpoint_file(args.checkpoint))

@@ -42,7 +42,14 @@ DEFAULT_GAMMA = 1.0
 
 
 def _block_prefixes(state: dict[str, torch.Tensor]) -> dict[int, list[str]]:
-    """``layers.I.blocks.J.`` prefixes of the checkpoint, per stage I, in block order."""
+    """``layers.I.blocks.J.`` prefixes of the checkpoint, per stage I, in block order.
+
+    Args:
+        state (dict[str, Tensor]): the checkpoint's tensors.
+
+    Returns:
+        dict[int, list[str]]: the block prefixes of each stage.
+    """
     stages: dict[int, set[int]] = {}
     for k in state:
         m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
@@ -59,7 +66,15 @@ def _block_prefixes(state: dict[str, torch.Tensor]) -> dict[int, list[str]]:
 
 
 def _one(values: Sequence[Any], what: str) -> Any:
-    """The single value that every stage or block agrees on; a clear error if they differ."""
+    """The single value that every stage or block agrees on; a clear error if they differ.
+
+    Args:
+        values (Sequence[Any]): one value per block (not empty).
+        what (str): what the values are, for the error message.
+
+    Returns:
+        Any: the value.
+    """
     distinct = sorted(set(values), key=str)
     if len(distinct) != 1:
         raise CheckpointError(f"its {what} differ between blocks ({distinct}); the model takes one value")
@@ -179,7 +194,15 @@ def read_architecture(
 def _ghosts_of(state: dict[str, torch.Tensor], prefix: str) -> tuple[bool, bool]:
     """(has a multiplicative, has an additive ghost kernel) of one ELSA layer. The original packs both in
     ``ghost_head`` [2, 1, C, K, K], or the one it has in [1, C, K, K]: the additive one unless the layer was
-    built with gamma = 0, which only the caller can know, so one packed kernel counts as additive here."""
+    built with gamma = 0, which only the caller can know, so one packed kernel counts as additive here.
+
+    Args:
+        state (dict[str, Tensor]): the checkpoint's tensors.
+        prefix (str): the layer's prefix, ending in ``attn.``.
+
+    Returns:
+        tuple[bool, bool]: whether ``ghost_mul`` and ``ghost_add`` are present.
+    """
     if prefix + "ghost_head" in state:
         packed = state[prefix + "ghost_head"]
         return (True, True) if packed.dim() == 5 else (False, True)
@@ -187,12 +210,21 @@ def _ghosts_of(state: dict[str, torch.Tensor], prefix: str) -> tuple[bool, bool]
 
 
 def _ghost_names(mul: bool, add: bool) -> str:
+    """Args: mul (bool), add (bool): which ghost kernels. Returns: str: their names, for messages."""
     names = [n for n, present in (("ghost_mul", mul), ("ghost_add", add)) if present]
     return " and ".join(names) or "no ghost kernel"
 
 
 def _window_of(positions: int, prefix: str) -> int:
-    """The window size w of a relative position bias table with (2w - 1)^2 rows."""
+    """The window size w of a relative position bias table with (2w - 1)^2 rows.
+
+    Args:
+        positions (int): the table's number of positions.
+        prefix (str): the block's prefix, for the error message.
+
+    Returns:
+        int: w.
+    """
     side = math.isqrt(positions)
     if side * side != positions or side % 2 == 0:
         raise CheckpointError(f"{prefix}attn's bias table has {positions} positions, not (2w - 1)^2 for a window w")
@@ -222,8 +254,9 @@ class Conversion:
 
     Attributes:
         model_name (str): the registered model to create.
-        model_kwargs (dict[str, Any]): the architecture arguments to create it with: empty for a
-            checkpoint of a registered size (or with ``--model``), the full architecture otherwise.
+        model_kwargs (dict[str, Any]): the arguments to create it with besides ``num_classes``: for a
+            registered size (or with ``--model``) only ``lam``/``gamma`` where they are not the defaults,
+            otherwise the full architecture.
         architecture (dict[str, Any]): the architecture read from the checkpoint (empty with ``--model``).
         num_classes (int): classes of the classifier head (0: no head).
         tensors (dict[str, Tensor]): the mapped tensors that the model has.
@@ -252,7 +285,14 @@ class Conversion:
 
 def _registered_match(arch: dict[str, Any]) -> str | None:
     """The registered model whose defaults are exactly ``arch`` (its head size and lam/gamma aside),
-    read from the model itself rather than from a table of sizes."""
+    read from the model itself rather than from a table of sizes.
+
+    Args:
+        arch (dict[str, Any]): from :func:`read_architecture`.
+
+    Returns:
+        str | None: the registered name, or None.
+    """
     for name in REGISTERED:
         with torch.device("meta"):
             model = timm.create_model(name, num_classes=arch["num_classes"], lam=arch["lam"], gamma=arch["gamma"])
@@ -337,6 +377,7 @@ def convert(
 
 
 def _format_arch(arch: dict[str, Any]) -> str:
+    """Args: arch (dict[str, Any]): an architecture. Returns: str: ``key=value`` pairs, for printing."""
     return ", ".join(f"{k}={v!r}" for k, v in arch.items())
 
 
