@@ -49,13 +49,18 @@ def test_importing_elsa_mm_only_registers():
 
 
 def test_no_hand_made_import_paths():
-    """Scripts, tools, tests and benchmarks import the installed packages."""
+    """Scripts, tools, tests and benchmarks import the installed packages.
+
+    The one exception is tools/gpu_check.sh, which runs a bare checkout on a GPU machine that has torch
+    but cannot install anything: it puts the checkout on the import path, and nothing else may.
+    """
+    exempt = {("tools/gpu_check.sh", "PYTHON" + "PATH")}
     hits = []
     for path in REPO.rglob("*"):
         if ".venv" in path.parts or ".git" in path.parts or path.suffix not in (".py", ".sh") or not path.is_file():
             continue
         text = path.read_text()
         for needle in ("sys." + "path", "PYTHON" + "PATH", "elsa." + "pth"):
-            if needle in text:
+            if needle in text and (path.relative_to(REPO).as_posix(), needle) not in exempt:
                 hits.append(f"{path.relative_to(REPO)}: {needle}")
     assert hits == []

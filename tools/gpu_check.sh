@@ -190,10 +190,10 @@ for project in det seg; do
     continue
   fi
   # A small config on generated data, as the det/seg tests build them; its paths and arguments go to args.sh.
-  step "${project}_config" 60 "$OUT/dist.log" "$PY" - "$project" "$WORK/$project" <<'PYEOF' || continue
+  # Run from tests/, whose helpers build it (a script read from stdin imports from its working directory).
+  step "${project}_config" 60 "$OUT/dist.log" env -C tests "$PY" - "$project" "$WORK/$project" <<'PYEOF' || continue
 import shlex, sys
 from pathlib import Path
-sys.path.insert(0, "tests")
 project, work = sys.argv[1], Path(sys.argv[2])
 work.mkdir(parents=True, exist_ok=True)
 if project == "det":

@@ -4,9 +4,9 @@ Every kernel family is reached: templated K with 16-byte vectors (4- and 8-wide)
 (heads not a multiple of the vector), chunked heads, both layouts, strides and dilations, windows wider
 than the image, features off 16-byte alignment (a storage offset of one element: the scalar kernels), and
 broadcast / per-image / mixed / no ghost kernels; float32 and bfloat16 (float16 and float64 run the same
-code with another element type).
+code with another element type). Run it where elsa_op imports (installed, or as gpu_check.sh runs it):
 
-    PYTHONPATH=. compute-sanitizer --tool memcheck --kernel-name kns=elsa_op python tools/gpu_sanitizer_cases.py
+    compute-sanitizer --tool memcheck --kernel-name kns=elsa_op python tools/gpu_sanitizer_cases.py
 """
 
 import itertools
