@@ -14,6 +14,9 @@ import pytest
 from PIL import Image
 
 CLS = Path(__file__).resolve().parents[1] / "cls"
+DATA = Path(__file__).resolve().parent / "data"  # the reference tensors of the original code
+# README: the classifier reproduces the original's logits within this.
+LOGITS_ATOL = 5e-7
 
 
 def write_digits(root: Path, per_class: int = 30, val_per_class: int = 10) -> Path:

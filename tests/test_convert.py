@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import DATA
-from test_cls import LOGITS_ATOL
+from cls_helpers import DATA, LOGITS_ATOL
 
 import elsa_swin  # noqa: F401
 from elsa_swin import checkpoint_filter_fn
@@ -150,7 +149,7 @@ CUSTOM = dict(
     depths=(2, 2, 4, 2),
     num_heads=(2, 4, 8, 16),
     window_size=5,
-    elsa_kernel=5,
+    kernel_size=5,
     group_width=8,
     mlp_ratio=3.0,
 )

@@ -8,7 +8,8 @@ import torch
 
 mmdet = pytest.importorskip("mmdet")
 
-from conftest import DATA  # noqa: E402
+DATA = Path(__file__).parent / "data"  # the reference tensors of the original code
+
 from mm_data import CLASSES, write_coco  # noqa: E402
 from mm_helpers import (  # noqa: E402
     REPO,
