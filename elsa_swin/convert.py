@@ -99,7 +99,7 @@ def read_architecture(
 
     Returns:
         dict[str, Any]: ``in_chans``, ``patch_size``, ``embed_dim``, ``depths``, ``num_heads``,
-        ``elsa_stages``, ``window_size``, ``elsa_kernel``, ``group_width``, ``lam``, ``gamma``,
+        ``elsa_stages``, ``window_size``, ``kernel_size``, ``group_width``, ``lam``, ``gamma``,
         ``mlp_ratio``, ``qkv_bias`` and ``num_classes`` (0 for a checkpoint without a classifier head).
         Raises :class:`CheckpointError` for what is not an ELSA-Swin classifier our model can rebuild.
     """
@@ -151,7 +151,7 @@ def read_architecture(
                 mlp_ratios.append(state[p + "mlp.fc1.weight"].shape[0] / dim)
             elsa_stages.append((i, kind))
         num_heads.append(heads)
-    elsa_kernel = int(_one(kernels, "ELSA kernel sizes")) if kernels else 7
+    kernel_size = int(_one(kernels, "ELSA kernel sizes")) if kernels else 7
     num_heads = [_one(heads, f"head counts in stage {i}") for i, heads in enumerate(num_heads)]
     stage_kinds = [_one([k for j, k in elsa_stages if j == i], f"attention kinds in stage {i}") for i in prefixes]
     has_mul, has_add = _one(ghosts, "ghost heads") if ghosts else (False, False)
@@ -180,7 +180,7 @@ def read_architecture(
         num_heads=tuple(int(h) for h in num_heads),
         elsa_stages=tuple(stage_kinds),
         window_size=int(_one(windows, "window sizes")) if windows else 7,
-        elsa_kernel=elsa_kernel,
+        kernel_size=kernel_size,
         group_width=int(_one(group_widths, "ELSA group widths")) if group_widths else 8,
         lam=float(lam),
         gamma=float(gamma),
