@@ -547,15 +547,18 @@ def test_double_backward_is_refused(device):
         torch.autograd.grad(gx.sum(), h)
 
 
+@pytest.mark.parametrize("ghost", ["broadcast", "batched", "mixed"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_empty_batch_gives_empty_results(device, layout):
-    """As nn.Conv2d: a batch of 0 gives an empty output and gradients (zero for broadcast kernels)."""
-    x, h, m, a = make_inputs(B=0, C=6, H=5, W=4, G=3, K=3, layout=layout, device=device)
+def test_empty_batch_gives_empty_results(device, layout, ghost):
+    """As nn.Conv2d: a batch of 0 gives an empty output and gradients (zero for broadcast kernels, empty for
+    per-image ones)."""
+    x, h, m, a = make_inputs(B=0, C=6, H=5, W=4, G=3, K=3, layout=layout, device=device, ghost=ghost)
     out = elsa_function(x, h, m, a, kernel_size=3)
     assert out.shape == (0, 6, 5, 4)
     gx, gh, gm, ga = torch.autograd.grad(out.sum(), (x, h, m, a))
     assert gx.shape == x.shape and gh.shape == h.shape
-    assert torch.equal(gm, gm.new_zeros(6, 3, 3)) and torch.equal(ga, torch.zeros_like(ga))
+    assert gm.shape == m.shape and ga.shape == a.shape
+    assert torch.equal(gm, torch.zeros_like(gm)) and torch.equal(ga, torch.zeros_like(ga))
 
 
 def test_dilation_far_beyond_the_image(device):

@@ -143,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor> launch_backward_ghost(const Geometry<int64_t>
       }
     });
     // sum[u, c, t] = sum of part[tile, t, c] over the tiles of unit u (one image, or all of them).
-    const int64_t tiles_per_unit = tiles / units;
+    // (Not tiles / units: an empty batch of per-image kernels has no units.)
+    const int64_t tiles_per_unit = batched ? tiles_per_image : tiles;
     // (Asked for by flag: an empty batch has no tiles, so its parts may have no storage, and its sums are 0.)
     for (auto [needed, part, sum] : {std::tuple{need_mul, pm, &sum_mul}, std::tuple{need_add, pa, &sum_add}}) {
       if (!needed) continue;
