@@ -30,14 +30,16 @@
 #define ELSA_HD __host__ __device__ __forceinline__
 #define ELSA_UNROLL _Pragma("unroll")
 #define ELSA_NO_UNROLL _Pragma("unroll 1")
-// The taps of a window row: all of them up to 32 channel-taps per row (K = 7 in float32), else 16 / V at a
-// time: unrolling more hoists so many loads that registers spill. Needs `kRowUnroll` (tap_row_unroll).
-#define ELSA_UNROLL_ROW _Pragma("unroll kRowUnroll")
+#define ELSA_PRAGMA(text) _Pragma(#text)
+// Unroll by a count given as a constant expression; the taps of a window row use tap_row_unroll: all of
+// them up to 32 channel-taps per row (K = 7 in float32), else 16 / V at a time, since unrolling more
+// hoists so many loads that registers spill.
+#define ELSA_UNROLL_BY(count) ELSA_PRAGMA(unroll count)
 #else
 #define ELSA_HD inline
 #define ELSA_UNROLL
 #define ELSA_NO_UNROLL
-#define ELSA_UNROLL_ROW
+#define ELSA_UNROLL_BY(count)
 #endif
 
 #include "access.h"
@@ -189,7 +191,7 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     Global<const acc_t> mrow = mp, arow = ap;
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
-      ELSA_UNROLL_ROW
+      ELSA_UNROLL_BY(kRowUnroll)
       for (int q = 0; q < K; ++q)
         weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(load(hrow + q)), mrow, arow, q);
       xrow += dy;
@@ -204,7 +206,7 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
       if (y < 0 || y >= g.H) continue;
       const Global<const T> xrow = xb + y * A.source_strides.row;
       int xx = x0;
-      ELSA_UNROLL_ROW
+      ELSA_UNROLL_BY(kRowUnroll)
       for (int q = 0; q < K; ++q, xx += g.dilation) {
         if (xx < 0 || xx >= g.W) continue;
         const int t = p * K + q;
@@ -256,7 +258,7 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
     Global<const acc_t> mrow = mp, arow = ap;
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p) {
-      ELSA_UNROLL_ROW
+      ELSA_UNROLL_BY(kRowUnroll)
       for (int q = 0; q < K; ++q)
         weighted_tap<T, V>(acc, gorow - q * go_dx, static_cast<acc_t>(load(hrow + (q - q * h_dx))), mrow, arow, q);
       gorow -= go_dy;
@@ -273,7 +275,7 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
         const Global<const T> gorow = gob + iq * A.source_strides.row;
         const Global<const T> hrow = hb + iq * A.attention_strides.row;
         int jq = jq0, jr = jr0;
-        ELSA_UNROLL_ROW
+        ELSA_UNROLL_BY(kRowUnroll)
         for (int q = 0; q < K; ++q) {
           if (jr == 0 && jq >= 0 && jq < g.Wo) {
             const int t = p * K + q;
