@@ -23,7 +23,7 @@
 # each step's time) and one log per group of steps. Exit status: 0 when every step that ran passed and a
 # GPU was found, else 1.
 #
-# For rehearsals without a GPU: PYTHON (default python3), BUDGET, and STEP_CAP (the most seconds any one
+# Options, as environment variables: PYTHON (default python3), BUDGET, and STEP_CAP (the most seconds any one
 # step may take, default 600).
 set -u
 cd "$(dirname "$0")/.." || exit 2

@@ -1,5 +1,5 @@
 // Schema of the ELSA operator. Kernels live in cpu/ and cuda/; fake (meta) kernels and autograd are
-// registered from Python (elsa_op/ops.py).
+// registered from Python (elsa_op/_registration.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -134,7 +134,7 @@ inline std::tuple<at::Tensor, at::Tensor> empty_ghost_grads(const Geometry<int64
 }
 
 // Channels-last tensors (unit channel stride) take the channels-last kernels and get channels-last
-// results, as convolutions do; ops.py's fake kernels follow the same rule. For features and grad_out.
+// results, as convolutions do; _registration.py's fake kernels follow the same rule. For features and grad_out.
 inline bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && t.size(1) > 1 && t.stride(1) == 1;
 }
