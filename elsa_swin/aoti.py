@@ -176,9 +176,7 @@ def _dense_backbone(classifier: torch.nn.Module) -> torch.nn.Module:
     attn = next((m for m in classifier.modules() if isinstance(m, ELSAAttention)), None)
     lam, gamma = (attn.lam, attn.gamma) if attn is not None else (None, None)
     arch = read_architecture(classifier.state_dict(), lam=lam, gamma=gamma)
-    if not all(arch["elsa_stages"][:-1]) or arch["elsa_stages"][-1]:
-        raise ValueError("the dense backbone has ELSA in the first three stages only; this model differs")
-    kwargs = {k: v for k, v in arch.items() if k not in ("num_classes", "elsa_stages", "in_chans")}
+    kwargs = {k: v for k, v in arch.items() if k not in ("num_classes", "in_chans")}
     backbone = ELSASwin(in_channels=arch["in_chans"], **kwargs)
     state = {k: v for k, v in classifier.state_dict().items() if not k.startswith(("head.", "norm."))}
     missing, unexpected = backbone.load_state_dict(state, strict=False)

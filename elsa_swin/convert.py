@@ -153,7 +153,9 @@ def read_architecture(
         num_heads.append(heads)
     kernel_size = int(_one(kernels, "ELSA kernel sizes")) if kernels else 7
     num_heads = [_one(heads, f"head counts in stage {i}") for i, heads in enumerate(num_heads)]
-    stage_kinds = [_one([k for j, k in elsa_stages if j == i], f"attention kinds in stage {i}") for i in prefixes]
+    stage_kinds = [
+        _one([k for j, k in elsa_stages if j == i], f"attention kinds in stage {i}") for i in sorted(prefixes)
+    ]
     has_mul, has_add = _one(ghosts, "ghost heads") if ghosts else (False, False)
     single_packed = any(k.endswith("ghost_head") and v.dim() == 4 for k, v in state.items())
     if single_packed and lam is not None and lam != 0 and gamma == 0:

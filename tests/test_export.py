@@ -206,3 +206,25 @@ def test_aoti_tool_refuses_bad_arguments(tmp_path):
         timeout=300,
     )
     assert r.returncode == 1 and "does not exist" in r.stderr and not (tmp_path / "x.pt2").exists()
+
+
+@pytest.mark.parametrize("elsa_stages", [None, (True, False, True, False)])
+def test_aoti_dense_backbone_takes_the_classifiers_architecture_and_weights(elsa_stages):
+    """--dense packages the dense backbone of the classifier's own architecture (ELSA stages included) with
+    the classifier's weights."""
+    pytest.importorskip("mmengine")
+    from elsa_swin.aoti import _dense_backbone
+
+    torch.manual_seed(0)
+    extra = {} if elsa_stages is None else dict(elsa_stages=elsa_stages)
+    # 224 px: at every stage the Swin windows keep their size (a smaller image shrinks the last ones)
+    model = timm.create_model("elsa_swin_nano", img_size=224, num_classes=7, **extra).eval()
+    backbone = _dense_backbone(model).eval()
+    theirs = backbone.state_dict()
+    shared = [k for k, v in model.state_dict().items() if not k.startswith(("head.", "norm."))]
+    assert shared and all(torch.equal(theirs[k], model.state_dict()[k]) for k in shared)
+    layers = sum(isinstance(m, elsa_swin.ELSABlock) for m in model.modules())
+    assert sum(isinstance(m, elsa_swin.ELSABlock) for m in backbone.modules()) == layers
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 224, 224))
+    assert [f.shape[1] for f in feats] == [model.embed_dim * 2**i for i in range(4)]
