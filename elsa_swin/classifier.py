@@ -89,11 +89,6 @@ class ELSASwinTransformer(nn.Module):
     ) -> None:
         super().__init__()
         dd: dict[str, Any] = dict(device=device, dtype=dtype)
-        if not len(depths) == len(num_heads) == len(elsa_stages):
-            raise ValueError(
-                "depths, num_heads and elsa_stages need one entry per stage: "
-                f"depths={tuple(depths)} num_heads={tuple(num_heads)} elsa_stages={tuple(elsa_stages)}"
-            )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
