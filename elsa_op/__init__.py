@@ -15,8 +15,8 @@ except ImportError as e:  # pragma: no cover - depends on the build
         "(or run `bash run.sh setup`, which sets everything up)."
     ) from e
 
-# The fake kernels and autograd formula of the operators, then the op in standard operators for exporters
-# and its FLOP formulas: registrations, imported for their effect.
+# The fake kernels, autograd formula and FLOP formulas of the operators: registrations, imported for their
+# effect.
 from . import _registration, decomposition, flops  # noqa: F401
 from .checks import check_elsa_args
 from .functional import BACKENDS, elsa_function

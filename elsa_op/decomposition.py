@@ -1,9 +1,12 @@
 """How the ELSA operator is written in standard operators, for exporters (ONNX).
 
-``torch.onnx.export(model, x, path, dynamo=True)`` keeps custom operators as they are unless a
-decomposition for them exists; this module registers one in torch's decomposition table (which the ONNX
-exporter consults, and which eager execution, autograd, ``torch.compile`` and AOTInductor do not use), so
-that plain exports of our models work once ``elsa_op`` is imported.
+During ``torch.onnx.export(model, x, path, dynamo=True)`` (``torch.onnx.is_in_onnx_export()``),
+:func:`elsa_op.elsa_function` traces :func:`elsa_forward_decomposition` in place of the compiled operator,
+so that plain exports of our models work and the file needs no part of this project to run. Eager
+execution, autograd, ``torch.compile`` and AOTInductor keep the operator. The decomposition is not put in
+torch's global decomposition table: inductor treats an operator with a registered decomposition as one it
+should decompose, and refuses to fall back to its kernel when the ``CI`` environment variable is set.
+A program already made by ``torch.export`` can be decomposed with :func:`decompositions`.
 
 The decomposition is a sum over the K * K taps of the window. For tap (p, q), the zero-padded features
 shifted by the tap's offset are one strided slice of the padded features; they are multiplied by the tap's
@@ -16,12 +19,13 @@ onnxruntime (gathering every tap; per-tap slices in NCHW or NHWC; K taps of a ro
 fastest.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._decomp import register_decomposition
 
-__all__ = ["elsa_forward_decomposition"]
+__all__ = ["decompositions", "elsa_forward_decomposition"]
 
 
 def _tap(padded: Tensor, row: int, col: int, rows: int, cols: int, stride: int) -> Tensor:
@@ -43,7 +47,6 @@ def _tap(padded: Tensor, row: int, col: int, rows: int, cols: int, stride: int) 
     return padded[..., row : row + span_h : stride, col : col + span_w : stride]
 
 
-@register_decomposition(torch.ops.elsa_op.elsa_forward.default)
 def elsa_forward_decomposition(
     features: Tensor,
     h_attn: Tensor,
@@ -95,3 +98,19 @@ def elsa_forward_decomposition(
         kernel = ghost_add.reshape(C, 1, K, K).to(result.dtype)
         result = result + F.conv2d(features.to(result.dtype), kernel, stride=s, padding=r, dilation=d, groups=C)
     return result.to(features.dtype)
+
+
+def decompositions() -> dict[torch._ops.OpOverload, Callable[..., Tensor]]:
+    """The decomposition table of the ELSA operator, for a program made by ``torch.export``.
+
+    ``torch.onnx.export`` of a model needs nothing: the model traces the decomposition itself. A program
+    exported beforehand still holds the operator; decompose it before handing it to an exporter::
+
+        table = torch.export.default_decompositions()
+        table.update(elsa_op.decomposition.decompositions())
+        program = torch.export.export(model, (x,)).run_decompositions(table)
+
+    Returns:
+        dict: ``{torch.ops.elsa_op.elsa_forward.default: elsa_forward_decomposition}``.
+    """
+    return {torch.ops.elsa_op.elsa_forward.default: elsa_forward_decomposition}

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_elsa_args, ghost_accumulation_dtype
+from .decomposition import elsa_forward_decomposition
 from .reference import elsa_reference
 
 __all__ = ["BACKENDS", "elsa_function"]
@@ -105,4 +106,7 @@ def elsa_function(
         )
     if h_attn.dim() == 4:
         h_attn = h_attn.unsqueeze(1)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no ELSA operator: the exporter records the op written in standard ones.
+        return elsa_forward_decomposition(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
     return torch.ops.elsa_op.elsa_forward(features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride)
