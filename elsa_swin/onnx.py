@@ -3,8 +3,8 @@ against PyTorch on the same input (``tools/export_onnx.py``).
 
     python tools/export_onnx.py --model elsa_swin_tiny --checkpoint elsa_swin_tiny.safetensors -o elsa_swin_tiny.onnx
 
-It is plain ``torch.onnx.export(model, x, path, dynamo=True)``: importing ``elsa_op`` registers how the
-ELSA operator is written in standard ONNX operators (:mod:`elsa_op.decomposition`), so the file runs in
+It is plain ``torch.onnx.export(model, x, path, dynamo=True)``: while exporting, the ELSA operator
+records itself written in standard ONNX operators (:mod:`elsa_op.decomposition`), so the file runs in
 any ONNX runtime, with no part of this project installed.
 """
 
