@@ -7,8 +7,8 @@ and maps the original code's names onto both.
 """
 
 from .blocks import RENAMED_ARGS, ELSABlock, ELSASwinStage, PaddedWindowBlock, build_stages
-from .checkpoint import CheckpointError, load_checkpoint_file, map_original_names, unwrap_state_dict
-from .classifier import ELSASwinTransformer, checkpoint_filter_fn
+from .checkpoint import CheckpointError, head_classes, load_checkpoint_file, map_original_names, unwrap_state_dict
+from .classifier import ELSASwinTransformer, checkpoint_filter_fn, create_from_checkpoint, load_weights
 
 __all__ = [
     "RENAMED_ARGS",
@@ -19,7 +19,10 @@ __all__ = [
     "PaddedWindowBlock",
     "build_stages",
     "checkpoint_filter_fn",
+    "create_from_checkpoint",
+    "head_classes",
     "load_checkpoint_file",
+    "load_weights",
     "map_original_names",
     "unwrap_state_dict",
 ]

@@ -21,16 +21,15 @@ import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import timm
 import torch
 from torch.export import ExportedProgram
 
 from elsa_op import ELSAAttention  # (importing elsa_op registers elsa_op::elsa_forward, which packages call)
 
-from .checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
-from .classifier import ELSASwinTransformer, checkpoint_filter_fn
+from .checkpoint import load_checkpoint_file
+from .classifier import create_from_checkpoint
 from .convert import read_architecture
 
 __all__ = ["ELSA_OP", "count_elsa_calls", "export_program", "load_package", "main", "package", "package_elsa_calls"]
@@ -187,22 +186,8 @@ def _dense_backbone(classifier: torch.nn.Module) -> torch.nn.Module:
 
 def _build(args: argparse.Namespace) -> torch.nn.Module:
     """Args: args (argparse.Namespace): the parsed command line. Returns: nn.Module: the model to package."""
-    state = None
-    if args.checkpoint:
-        state = unwrap_state_dict(load_checkpoint_file(args.checkpoint))
-    num_classes = args.num_classes
-    if num_classes is None and state is not None:
-        head = next((state[k] for k in ("head.fc.weight", "head.weight") if k in state), None)
-        num_classes = head.shape[0] if head is not None else None
-    model = timm.create_model(args.model, img_size=args.img_size, num_classes=num_classes or 1000)
-    if state is not None:
-        missing, unexpected = model.load_state_dict(
-            checkpoint_filter_fn(state, cast(ELSASwinTransformer, model)), strict=False
-        )
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{args.checkpoint} does not fit {args.model}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+    checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
+    model = create_from_checkpoint(args.model, checkpoint, args.checkpoint, args.num_classes, args.img_size)
     return _dense_backbone(model) if args.dense else model
 
 
@@ -241,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"the package must end in .pt2, got {args.output}")
     try:
         model = _build(args).eval().to(args.device)
-    except (CheckpointError, RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError) as e:  # a bad file, model or --dense without mmengine
         print(f"error: {e}", file=sys.stderr)
         return 1
     torch.manual_seed(0)

@@ -89,15 +89,39 @@ def load_checkpoint_file(path: str | Path, extra_safe_globals: Iterable[Any] = (
     return checkpoint
 
 
-def unwrap_state_dict(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The model's tensors out of a training checkpoint: ``state_dict_ema``/``model_ema`` if asked and
-    present, else ``state_dict``/``model``/the dict itself, without DDP's ``module.`` prefix."""
-    keys = ("state_dict_ema", "model_ema", "state_dict", "model") if use_ema else ("state_dict", "model")
+def unwrap_state_dict(
+    checkpoint: dict[str, Any], use_ema: bool = False, source: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
+    """The model's tensors out of a training checkpoint, without DDP's ``module.`` prefix.
+
+    Args:
+        checkpoint (dict): a loaded checkpoint: a training checkpoint (``state_dict``/``model``, with
+            ``state_dict_ema``/``model_ema`` when it kept EMA weights) or a bare state dict.
+        use_ema (bool): take the EMA weights. Default: False.
+        source (str): how error messages name the checkpoint. Default: "the checkpoint".
+
+    Returns:
+        dict[str, Tensor]: the state dict.
+
+    Raises:
+        CheckpointError: ``use_ema`` and the checkpoint holds no EMA weights.
+    """
+    keys = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model")
     for key in keys:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
+    else:
+        if use_ema:
+            raise CheckpointError(f"{source} holds no EMA weights (state_dict_ema or model_ema)")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The class count of a classifier's state dict: the rows of its head (timm's ``head.fc.weight`` or
+    the original's ``head.weight``); None for a state dict without a head."""
+    head = next((state_dict[k] for k in ("head.fc.weight", "head.weight") if k in state_dict), None)
+    return int(head.shape[0]) if head is not None else None
 
 
 def _split_ghost_head(key: str, packed: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:

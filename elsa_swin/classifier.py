@@ -8,10 +8,12 @@ names (downsampling at the end of a stage, ``attn.pre_proj``/``post_proj``/``rb`
 attention, the packed ghost kernels, ``head.``) onto timm's layout.
 """
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any, cast
 
+import timm
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -21,9 +23,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .blocks import ELSASwinStage, accept_renamed_args, build_stages, init_linear, stage_input_resolution
-from .checkpoint import map_original_names, unwrap_state_dict
+from .checkpoint import CheckpointError, head_classes, map_original_names, unwrap_state_dict
 
-__all__ = ["ELSASwinTransformer", "checkpoint_filter_fn"]
+__all__ = ["ELSASwinTransformer", "checkpoint_filter_fn", "create_from_checkpoint", "load_weights"]
+
+_logger = logging.getLogger(__name__)
 
 
 class ELSASwinTransformer(nn.Module):
@@ -238,6 +242,109 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: ELSASwinTransformer)
     if "layers.0.downsample.reduction.weight" in state_dict:  # the original's layout
         state_dict = {re.sub(r"^head\.", "head.fc.", k): v for k, v in state_dict.items()}
     return map_original_names(state_dict, model)
+
+
+def load_weights(
+    model: nn.Module, checkpoint: dict[str, Any], source: str, use_ema: bool = False, strict: bool = True
+) -> None:
+    """Load a checkpoint's model (or EMA) weights into ``model``, the original's names mapped.
+
+    With ``strict=False`` (fine-tuning), a classifier of another class count is left at its initial values,
+    as timm's pretrained loading does, and keys the model lacks or the file lacks are logged.
+
+    Args:
+        model (nn.Module): an ELSA-Swin classifier (the original's names are mapped onto it) or any timm
+            model (its own names).
+        checkpoint (dict): the loaded file (:func:`elsa_swin.load_checkpoint_file`).
+        source (str): how messages name the file.
+        use_ema (bool): load its EMA weights. Default: False.
+        strict (bool): every key of the model and of the file must match. Default: True.
+
+    Raises:
+        CheckpointError: the file holds no EMA weights where they were asked for, fits nothing of the model,
+            has tensors of other shapes, or (strict) lacks or adds keys.
+    """
+    state = unwrap_state_dict(checkpoint, use_ema=use_ema, source=source)
+    if isinstance(model, ELSASwinTransformer):
+        state = checkpoint_filter_fn(state, model)
+    own = model.state_dict()
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head.fc")
+    reset = []
+    if not strict:
+        for k in (f"{classifier}.weight", f"{classifier}.bias"):
+            if k in state and k in own and state[k].shape != own[k].shape:
+                reset.append((k, state.pop(k).shape[0]))
+    mismatched = [
+        f"{k} is {tuple(v.shape)} there and {tuple(own[k].shape)} here"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{source} does not fit {name}: {'; '.join(mismatched[:4])}"
+            + (f" (and {len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
+        )
+    if not set(state) & set(own):
+        sample = ", ".join(list(state)[:3]) or "none"
+        raise CheckpointError(
+            f"{source} holds no weights of {name}: none of its {len(state)} keys "
+            f"(e.g. {sample}) is a parameter or buffer of the model"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dict(reset)]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{source} does not fit {name}: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    if reset:
+        _logger.warning(
+            f"{source}: its classifier has {reset[0][1]} classes, the model "
+            f"{own[reset[0][0]].shape[0]}: the classifier ({classifier}) starts from scratch"
+        )
+    if missing or unexpected:
+        _logger.warning(
+            f"{source}: keys the file lacks: {missing or 'none'}; keys the model lacks: {unexpected or 'none'}"
+        )
+    _logger.info(f"loaded {'EMA ' if use_ema else ''}weights from {source}")
+
+
+def create_from_checkpoint(
+    model_name: str,
+    checkpoint: dict[str, Any] | None,
+    source: str = "the checkpoint",
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    use_ema: bool = False,
+) -> nn.Module:
+    """``timm.create_model(model_name)`` with a checkpoint's class count and weights.
+
+    Args:
+        model_name (str): a timm model name (``elsa_swin_tiny``, or any timm model for its own checkpoints).
+        checkpoint (dict, optional): the loaded file (:func:`elsa_swin.load_checkpoint_file`); None keeps
+            the model's initial weights.
+        source (str): how messages name the file. Default: "the checkpoint".
+        num_classes (int, optional): classes of the model. Default: None, the rows of the checkpoint's head,
+            else the model's default.
+        img_size (int, optional): input size of the model. Default: None, the model's default.
+        use_ema (bool): load the checkpoint's EMA weights. Default: False.
+
+    Returns:
+        nn.Module: the model, in training mode as timm creates it.
+
+    Raises:
+        ValueError: ``model_name`` is not a timm model.
+        CheckpointError: (a ValueError) see :func:`load_weights`.
+    """
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown model {model_name!r}; the ELSA-Swin models are {timm.list_models('elsa_swin*')}")
+    if num_classes is None and checkpoint is not None:
+        num_classes = head_classes(unwrap_state_dict(checkpoint, use_ema=use_ema, source=source))
+    kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes else {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = timm.create_model(model_name, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, source, use_ema=use_ema)
+    return model
 
 
 def _create_elsa_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> ELSASwinTransformer:

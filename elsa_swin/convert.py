@@ -27,7 +27,7 @@ from typing import Any, cast
 import timm
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from .checkpoint import CheckpointError, head_classes, load_checkpoint_file, unwrap_state_dict
 from .classifier import ELSASwinTransformer, checkpoint_filter_fn
 from .files import atomic_torch_save, atomic_write_bytes
 
@@ -173,7 +173,6 @@ def read_architecture(
             f"lam={lam} and gamma={gamma} give the ELSA layers {_ghost_names(lam != 0, gamma != 0)}, but the "
             f"checkpoint holds {_ghost_names(has_mul, has_add)}"
         )
-    head = next((state[k] for k in ("head.fc.weight", "head.weight") if k in state), None)
     arch: dict[str, Any] = dict(
         in_chans=int(in_chans),
         patch_size=int(patch_size),
@@ -188,7 +187,7 @@ def read_architecture(
         gamma=float(gamma),
         mlp_ratio=float(_one(mlp_ratios, "MLP ratios")) if mlp_ratios else 4.0,
         qkv_bias=bool(_one(qkv_biases, "q/k/v biases")),
-        num_classes=int(head.shape[0]) if head is not None else 0,
+        num_classes=head_classes(state) or 0,
     )
     return arch
 
@@ -331,12 +330,9 @@ def convert(
         :class:`CheckpointError` for an unreadable file or a checkpoint that does not fit its model's shapes.
     """
     checkpoint = load_checkpoint_file(src)
-    state = unwrap_state_dict(checkpoint, use_ema=use_ema)
-    if use_ema and not any(isinstance(checkpoint.get(k), dict) for k in ("state_dict_ema", "model_ema")):
-        raise CheckpointError(f"{src} holds no EMA weights (state_dict_ema)")
+    state = unwrap_state_dict(checkpoint, use_ema=use_ema, source=str(src))
     if model_name is not None:
-        head = next((state[k] for k in ("head.fc.weight", "head.weight") if k in state), None)
-        num_classes = int(head.shape[0]) if head is not None else 0
+        num_classes = head_classes(state) or 0
         arch: dict[str, Any] = {}
         kwargs = {k: v for k, v in (("lam", lam), ("gamma", gamma)) if v is not None}
     else:

@@ -12,13 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
 
-import timm
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
-from .classifier import ELSASwinTransformer, checkpoint_filter_fn
+from .checkpoint import load_checkpoint_file
+from .classifier import create_from_checkpoint
 
 
 def export(
@@ -98,33 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--atol", type=float, default=1e-4, help="largest difference the check accepts")
     args = parser.parse_args(argv)
-    state = None
-    if args.checkpoint:
-        try:
-            state = unwrap_state_dict(load_checkpoint_file(args.checkpoint))
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    num_classes = args.num_classes
-    if num_classes is None and state is not None:
-        head = next((state[k] for k in ("head.fc.weight", "head.weight") if k in state), None)
-        num_classes = head.shape[0] if head is not None else None
     try:
-        model = timm.create_model(args.model, img_size=args.img_size, num_classes=num_classes or 1000).eval()
-    except RuntimeError as e:
-        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
+        model = create_from_checkpoint(args.model, checkpoint, args.checkpoint, args.num_classes, args.img_size)
+    except ValueError as e:  # an unreadable file, an unknown model or weights that do not fit it
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    if state is not None:
-        missing, unexpected = model.load_state_dict(
-            checkpoint_filter_fn(state, cast(ELSASwinTransformer, model)), strict=False
-        )
-        if missing or unexpected:
-            print(
-                f"error: {args.checkpoint} does not fit {args.model}: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}",
-                file=sys.stderr,
-            )
-            return 1
+    model.eval()
     torch.manual_seed(0)
     export(model, torch.randn(2, 3, args.img_size, args.img_size), args.output)
     diff = check(model, args.output, torch.randn(args.check_batch, 3, args.img_size, args.img_size))

@@ -108,7 +108,7 @@ def test_mm_test_tools_refuse_code_in_checkpoints(tmp_path, planted, project, co
 def test_safetensors_and_truncated_files(tmp_path):
     from safetensors.torch import save_file
 
-    from elsa_cls.inference import load_weights
+    from elsa_swin import load_weights
 
     model = timm.create_model("elsa_swin_nano", num_classes=3)
     save_file(model.state_dict(), tmp_path / "w.safetensors")
@@ -135,3 +135,27 @@ def test_validate_names_a_truncated_checkpoint(tmp_path):
     path.write_bytes(path.read_bytes()[:5000])
     error = tool_error("validate", [str(data), "--model", "elsa_swin_nano", "--checkpoint", str(path), "-j", "0"])
     assert f"error: checkpoint {path} is truncated" in error
+
+
+def test_create_from_checkpoint(tmp_path):
+    """The tools' one way from a file to a model: the head's class count, the original's names mapped, EMA
+    weights only where they exist, and a clear error for an unknown model or weights that do not fit."""
+    from elsa_swin import create_from_checkpoint, head_classes, unwrap_state_dict
+
+    torch.manual_seed(0)
+    model = timm.create_model("elsa_swin_nano", num_classes=4, img_size=64)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema}, tmp_path / "run.pth")
+    torch.save({"model": model.state_dict()}, tmp_path / "plain.pth")
+    run, plain = load_checkpoint_file(tmp_path / "run.pth"), load_checkpoint_file(tmp_path / "plain.pth")
+
+    assert head_classes(unwrap_state_dict(plain)) == 4 and head_classes({"x": torch.zeros(1)}) is None
+    loaded = create_from_checkpoint("elsa_swin_nano", run, "run.pth", img_size=64, use_ema=True)
+    assert loaded.num_classes == 4
+    torch.testing.assert_close(loaded.head.fc.bias, ema["head.fc.bias"])
+    with pytest.raises(CheckpointError, match="plain.pth holds no EMA weights"):
+        create_from_checkpoint("elsa_swin_nano", plain, "plain.pth", img_size=64, use_ema=True)
+    with pytest.raises(CheckpointError, match="plain.pth does not fit"):
+        create_from_checkpoint("elsa_swin_tiny", plain, "plain.pth", img_size=64)
+    with pytest.raises(ValueError, match="unknown model 'elsa_swin_huge'"):
+        create_from_checkpoint("elsa_swin_huge", plain, "plain.pth")

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
-from timm.models import create_model
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
-from elsa_swin.checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from elsa_swin import create_from_checkpoint, load_checkpoint_file
 
 from .data import ImageReadError, load_image
-from .inference import load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,17 +46,8 @@ def load_classifier(model_name: str, checkpoint_path: str, img_size: int | None 
     """(model in eval mode, its class names) from a checkpoint; errors as one-line SystemExit."""
     try:
         checkpoint = load_checkpoint_file(checkpoint_path)
-        weights = unwrap_state_dict(checkpoint, use_ema=use_ema)
-        head = next((weights[k] for k in ("head.fc.weight", "head.weight") if k in weights), None)
-        kwargs = {"num_classes": head.shape[0]} if head is not None else {}
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        try:
-            model = create_model(model_name, **kwargs)
-        except RuntimeError as e:
-            raise SystemExit(f"error: --model {model_name}: {e}") from None
-        load_weights(model, checkpoint, checkpoint_path, use_ema=use_ema)
-    except CheckpointError as e:
+        model = create_from_checkpoint(model_name, checkpoint, checkpoint_path, img_size=img_size, use_ema=use_ema)
+    except ValueError as e:  # an unreadable file, an unknown model or weights that do not fit it
         raise SystemExit(f"error: {e}") from None
     return model.eval(), class_names(checkpoint, model.num_classes)
 

@@ -25,11 +25,11 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
-from elsa_swin.checkpoint import CheckpointError, load_checkpoint_file
+from elsa_swin import CheckpointError, load_checkpoint_file, load_weights
 from elsa_swin.files import NoSpaceError, atomic_write_bytes, atomic_write_text
 
 from .data import DatasetError, ImageFolderDataset, check_image_folder
-from .inference import load_weights, predict, resolve_amp
+from .inference import predict, resolve_amp
 from .saver import RunSaver
 
 SUMMARY = "summary.csv"

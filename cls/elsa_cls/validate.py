@@ -18,14 +18,13 @@ import torch
 import torch.nn as nn
 from timm import utils
 from timm.data import create_loader, resolve_data_config
-from timm.models import create_model
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
-from elsa_swin.checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
+from elsa_swin import CheckpointError, create_from_checkpoint, load_checkpoint_file
 from elsa_swin.files import atomic_write_text
 
 from .data import DatasetError, ImageFolderDataset, check_image_folder
-from .inference import load_weights, predict, resolve_amp
+from .inference import predict, resolve_amp
 
 _logger = logging.getLogger("validate")
 
@@ -95,20 +94,12 @@ def main(argv=None) -> dict:
         checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    num_classes = args.num_classes
-    if num_classes is None and checkpoint is not None:
-        weights = unwrap_state_dict(checkpoint, use_ema=args.use_ema)
-        head = next((weights[k] for k in ("head.fc.weight", "head.weight") if k in weights), None)
-        num_classes = head.shape[0] if head is not None else None
-    kwargs = {"num_classes": num_classes} if num_classes else {}
-    if args.img_size is not None:
-        kwargs["img_size"] = args.img_size
-    model = create_model(args.model, **kwargs)
-    if checkpoint is not None:
-        try:
-            load_weights(model, checkpoint, args.checkpoint, use_ema=args.use_ema)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
+    try:
+        model = create_from_checkpoint(
+            args.model, checkpoint, args.checkpoint, args.num_classes, args.img_size, use_ema=args.use_ema
+        )
+    except ValueError as e:  # an unknown model, or a checkpoint that does not fit it (CheckpointError)
+        raise SystemExit(f"error: {e}") from None
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
