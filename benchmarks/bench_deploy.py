@@ -25,6 +25,7 @@ import torch
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
 from elsa_swin.aoti import count_elsa_calls, export_program, load_package, package
+from elsa_swin.onnx import export
 
 MODELS = {"ELSA-Swin-T": "elsa_swin_tiny", "Swin-T": "swin_tiny_patch4_window7_224"}
 
@@ -33,14 +34,7 @@ def onnx_session(model: torch.nn.Module, path: Path, img_size: int, threads: int
     """Export ``model`` to ONNX at ``path`` (dynamic batch) and return a function that runs it in onnxruntime."""
     import onnxruntime
 
-    program = torch.onnx.export(
-        model,
-        (torch.randn(2, 3, img_size, img_size),),
-        dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-        verbose=False,
-    )
-    program.save(str(path))
+    export(model, torch.randn(2, 3, img_size, img_size), path)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
