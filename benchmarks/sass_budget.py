@@ -14,10 +14,12 @@ channels). Predicated and uniform (U*) instructions are counted: each takes an i
 spills come from `cuobjdump -res-usage`.
 
 How one trip's channel-taps are recognised (the kernels' structure, kernels.cuh):
-  - forward and grad features: each tap of a thread's window loads one attention weight, the one load of
-    the loop narrower than 64 bits; channel-taps = those loads x V. Of a kernel's inner loops (the inside-
-    the-image path and the border path) the one with the fewest instructions per channel-tap is taken:
-    the inside-the-image path, which most pixels take.
+  - forward and grad features: each tap of each pixel of a thread's run loads one attention weight, the
+    one load of the loop narrower than 64 bits; channel-taps = those loads x V. Of a kernel's inner loops
+    (the inside-the-image path and the border path) the one with the fewest instructions per channel-tap
+    is taken: the inside-the-image path, which most pixels take. The gathers are compiled once per
+    combination of ghost kernels given; the one with both (m * w + a per channel-tap) is counted, since
+    the others do less.
   - the fused attention/ghost pass: each (pixel, tap) of a thread's pair loads one grad_out and one
     features vector (the loop's 128-bit loads); channel-taps = those loads / 2 x V. Its loops that also
     load an attention weight (narrower loads) are the ones that compute the grad of ghost_mul.
@@ -339,6 +341,8 @@ def count_loop(body: list[Instruction]) -> dict[str, int]:
 def analyse(template: str, args: list[str], body_list: list[list[Instruction]]) -> list[LoopCount]:
     """The inner loops that do the kernel's per-channel-tap work, with their channel-taps per trip."""
     V = int(args[2]) if template in {"gather_kernel", "attn_ghost_kernel"} else 0
+    if template == "gather_kernel" and args[4:6] not in ([], ["true", "true"]):
+        return []  # without one of the ghost kernels: less work than the instantiation counted
     found: dict[str, LoopCount] = {}
     for body in body_list:
         loads = [load_bits(i.opcode) for i in body if i.opcode.startswith("LDG")]

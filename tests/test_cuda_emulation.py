@@ -108,6 +108,20 @@ def test_emulated_ghosts_and_layouts(emu, ghost, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("only", ["ghost_mul", "ghost_add"])
+def test_emulated_one_ghost_kernel(emu, only, dtype):
+    """One ghost kernel without the other: the gathers are compiled for each combination of ghost kernels
+    given, so each must still match the reference. 16 x 15 pixels and K = 7 give runs of pixels with their
+    windows inside the image, runs across its border, and a last run of 3 pixels."""
+    B, C, H, W, G, K, d, s = 2, 32, 16, 15, 2, 7, 1, 1
+    x, h, go, m, a, xl, hl, gol = make_case(B, C, H, W, G, K, d, s, dtype, "mixed", "channels_last", seed=7)
+    m, a = (m, None) if only == "ghost_mul" else (None, a)
+    ran = _check_tensors(emu, x, h, go, m, a, xl, hl, gol, G, K, d, s, subsets=[(True, True, True)])
+    full = 16 // x.element_size()
+    assert f"forward<{K},{full}>" in ran and f"features<{K},{full}>" in ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_heads_not_a_multiple_of_the_vector(emu, dtype):
     """6 channels per head: no whole 16-byte vectors, so the scalar, runtime-K kernels."""
     ran = _check(emu, 2, 12, 7, 8, 2, 3, 1, 1, dtype, "broadcast", "channels_last", subsets=[(True, True, True)])

@@ -56,7 +56,7 @@ struct EmulationRunner {
   // The instantiations that ran, "kernel<KT,V>", for the tests to see which paths they covered.
   std::vector<std::string> ran;
 
-  template <typename T, int KT, int V, bool kGradFeatures>
+  template <typename T, int KT, int V, bool kGradFeatures, bool kMul, bool kAdd>
   void gather(const GatherArgs<T>& A, int rows) {
     const auto& g = A.geometry;
     ran.push_back(std::string(kGradFeatures ? "features" : "forward") + "<" + std::to_string(KT) + "," +
@@ -67,12 +67,12 @@ struct EmulationRunner {
     poison(raw(A.destination) + (only_batch >= 0 ? only_batch * image : 0), only_batch >= 0 ? image : g.B * image);
     auto item = [&](int row, int it) {
       if constexpr (kGradFeatures) {
-        features_item<T, KT, V>(A, row, it);
+        features_item<T, KT, V, kMul, kAdd>(A, row, it);
       } else {
-        forward_item<T, KT, V>(A, row, it);
+        forward_item<T, KT, V, kMul, kAdd>(A, row, it);
       }
     };
-    const auto grid = item_grid(cols * A.channel_vectors, rows);
+    const auto grid = item_grid(gather_items_per_row(A, kGradFeatures), rows);
     if (only_batch >= 0) {  // the same (row, item) pairs as the grid gives these rows
       for (int64_t row = only_batch * rows_per_image; row < (only_batch + 1) * rows_per_image; ++row)
         for (int64_t bx = 0; bx < grid.x; ++bx)

@@ -10,13 +10,12 @@
 // Layout (channels-last, as the models keep their tensors):
 //   features, grad_features, out, grad_out  [B, H, W, C]: unit channel stride, any pixel strides
 //   attention and its gradient              [B, Ho, Wo, G, K*K]: unit tap stride, any other strides
-//   ghost kernels                           [U, C/V, K*K, V] tables in the accumulation type (U = 1 or B):
-//                                           a thread's taps are V-wide and contiguous, at offsets fixed at
-//                                           compile time when K is
-// Each thread owns V consecutive channels of one pixel (one 16-byte vector), so loads and stores along
-// channels are vectorised and coalesced, and a pixel's attention weight for a tap is loaded once and
-// shared by the thread's V channels (and, through one broadcast transaction, by its warp's other lanes of
-// the same head).
+//   ghost kernels                           [U, K*K, C] tables in the accumulation type (U = 1 or B), tap-major:
+//                                           the lanes of a warp read one tap's values from neighbouring bytes
+// Each thread owns V consecutive channels (one 16-byte vector) of one pixel or, in the gathers, of a run of
+// neighbouring pixels, so loads and stores along channels are vectorised and coalesced, and a pixel's
+// attention weight for a tap is loaded once and shared by the thread's V channels (and, through one
+// broadcast transaction, by its warp's other lanes of the same head).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -30,16 +29,10 @@
 #define ELSA_HD __host__ __device__ __forceinline__
 #define ELSA_UNROLL _Pragma("unroll")
 #define ELSA_NO_UNROLL _Pragma("unroll 1")
-#define ELSA_PRAGMA(text) _Pragma(#text)
-// Unroll by a count given as a constant expression; the taps of a window row use tap_row_unroll: all of
-// them up to 32 channel-taps per row (K = 7 in float32), else 16 / V at a time, since unrolling more
-// hoists so many loads that registers spill.
-#define ELSA_UNROLL_BY(count) ELSA_PRAGMA(unroll count)
 #else
 #define ELSA_HD inline
 #define ELSA_UNROLL
 #define ELSA_NO_UNROLL
-#define ELSA_UNROLL_BY(count)
 #endif
 
 #include "access.h"
@@ -105,39 +98,15 @@ ELSA_HD int kernel_size(const Geometry<int>& g) {
   return KT > 0 ? KT : g.K;
 }
 
-template <int KT, int V>
-constexpr int tap_row_unroll() {
-  return KT > 0 && KT * V <= 32 ? KT : 16 / V;
-}
-
-// One tap of the forward or grad-features gather: acc += v * (m[t] * w + a[t]) over the thread's V channels.
-template <typename T, int V>
-ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, Global<const acc_of<T>> m,
-                          Global<const acc_of<T>> a, int t) {
-  using acc_t = acc_of<T>;
-  acc_t vv[V], mv[V], av[V];
-  load_vec<T, V>(v, vv);
-  if (m) {
-    load_acc<acc_t, V>(m + t * V, mv);
-    ELSA_UNROLL
-    for (int e = 0; e < V; ++e) mv[e] *= w;
-  } else {
-    ELSA_UNROLL
-    for (int e = 0; e < V; ++e) mv[e] = w;
-  }
-  if (a) {
-    load_acc<acc_t, V>(a + t * V, av);
-    ELSA_UNROLL
-    for (int e = 0; e < V; ++e) mv[e] += av[e];
-  }
-  ELSA_UNROLL
-  for (int e = 0; e < V; ++e) acc[e] += vv[e] * mv[e];
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Forward and grad-features are one weighted gather run in opposite directions: from the features to the
-// output grid (forward_item), or from grad_out back to the features' grid (features_item). Grid: x over
-// the (column, channel vector) items of a row of the grid written, y over its B * rows rows (strided).
+// output grid (forward_item), or from grad_out back to the features' grid (features_item). A thread owns
+// its channel vector for a run of kRunPixels neighbouring pixels of one row of the grid it writes, so that
+// the ghost-table loads of a tap, the tap's address offsets and the bounds checks are made once for the
+// whole run. Grid: x over the (run, channel vector) items of a row, channel vectors fastest (coalesced),
+// y over its B * rows rows (strided).
+constexpr int kRunPixels = 4;
+
 template <typename T>
 struct GatherArgs {
   Geometry<int> geometry;
@@ -146,77 +115,149 @@ struct GatherArgs {
   int channel_vectors;      // per pixel: C / V
   int dilation_div_stride;  // dilation / stride and dilation % stride: the grad-features gather steps
   int dilation_mod_stride;  // through the output grid with these instead of dividing in its inner loop
-  Global<const T> source;   // the features (forward) or grad_out (grad features)
+  // Whether the offsets from a run's first pixel to its others, in the source and the attention, fit 32
+  // bits: the inside-the-image paths, which form the pixels' addresses from them, may then be taken.
+  bool narrow_offsets;
+  Global<const T> source;  // the features (forward) or grad_out (grad features)
   PixelStrides source_strides;
   Global<const T> attention;
   AttentionStrides attention_strides;
-  Global<const acc_of<T>> ghost_mul;  // null: 1
+  Global<const acc_of<T>> ghost_mul;  // [U, K*K, C] (tap-major: a warp's lanes read neighbouring bytes)
   int64_t ghost_mul_batch_stride;     // batch stride of the table: 0 when broadcast
-  Global<const acc_of<T>> ghost_add;  // null: 0
+  Global<const acc_of<T>> ghost_add;  // the same layout
   int64_t ghost_add_batch_stride;
   Global<T> destination;  // the output (forward) or grad_features
   PixelStrides destination_strides;
 };
 
+// Runs of pixels per row of the grid written, times the channel vectors: the x extent of a gather's grid.
+template <typename T>
+ELSA_HD int64_t gather_items_per_row(const GatherArgs<T>& A, bool grad_features) {
+  const int cols = grad_features ? A.geometry.W : A.geometry.Wo;
+  return int64_t((cols + kRunPixels - 1) / kRunPixels) * A.channel_vectors;
+}
+
+// The ghost kernels' values of one tap for the thread's channels (`at`: the tap's offset in the tables).
+// Whether each table is present is a compile-time choice of the launcher, so an absent one costs nothing.
+template <bool kMul, bool kAdd, typename A, int V>
+ELSA_HD void load_ghosts(Global<const A> m, Global<const A> a, int64_t at, A (&mv)[V], A (&av)[V]) {
+  if constexpr (kMul) load_acc<A, V>(m + at, mv);
+  if constexpr (kAdd) load_acc<A, V>(a + at, av);
+}
+
+// acc += v * (m * w + a) over the thread's V channels: with both ghost kernels, one FFMA for the weight and
+// one for the accumulation; an absent ghost kernel drops its term.
+template <bool kMul, bool kAdd, typename A, int V>
+ELSA_HD void weighted_accumulate(A (&acc)[V], const A (&v)[V], A w, const A (&mv)[V], const A (&av)[V]) {
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) {
+    A coef = w;
+    if constexpr (kMul && kAdd) {
+      coef = mv[e] * w + av[e];
+    } else if constexpr (kMul) {
+      coef = mv[e] * w;
+    } else if constexpr (kAdd) {
+      coef = w + av[e];
+    }
+    acc[e] += v[e] * coef;
+  }
+}
+
+// One tap of one pixel, loading everything it needs (the border paths).
+template <typename T, int V, bool kMul, bool kAdd>
+ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, Global<const acc_of<T>> m,
+                          Global<const acc_of<T>> a, int64_t at) {
+  using acc_t = acc_of<T>;
+  acc_t vv[V], mv[V], av[V];
+  load_vec<T, V>(v, vv);
+  load_ghosts<kMul, kAdd>(m, a, at, mv, av);
+  weighted_accumulate<kMul, kAdd>(acc, vv, w, mv, av);
+}
+
 // Forward: out[b, i, j, c] = sum_t x[b, i*s + dy_t, j*s + dx_t, c] * (m[t, c] * h[b, i, j, g(c), t] + a[t, c]).
-template <typename T, int KT, int V>
+template <typename T, int KT, int V, bool kMul, bool kAdd>
 ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
   using acc_t = acc_of<T>;
-  [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
+  constexpr int P = kRunPixels;
   const Geometry<int>& g = A.geometry;
-  if (item >= g.Wo * A.channel_vectors) return;
-  const int K = kernel_size<KT>(g), r = K / 2, KK = K * K;
+  if (item >= gather_items_per_row(A, false)) return;
+  const int K = kernel_size<KT>(g), r = K / 2;
   const int b = row / g.Ho, i = row - b * g.Ho;
-  const int j = item / A.channel_vectors, cv = item - j * A.channel_vectors, c = cv * V;
+  const int run = item / A.channel_vectors, cv = item - run * A.channel_vectors, c = cv * V;
+  const int j0 = run * P, n = g.Wo - j0 < P ? g.Wo - j0 : P;  // the run's first pixel and its length
   const int grp = c / A.channels_per_group;
   const Global<const T> xb = A.source + b * A.source_strides.batch + c;
   const Global<const T> hp = A.attention + b * A.attention_strides.batch + i * A.attention_strides.row +
-                             j * A.attention_strides.column + grp * A.attention_strides.group;
-  const Global<const acc_t> mp =
-      A.ghost_mul ? A.ghost_mul + b * A.ghost_mul_batch_stride + int64_t(cv) * KK * V : nullptr;
-  const Global<const acc_t> ap =
-      A.ghost_add ? A.ghost_add + b * A.ghost_add_batch_stride + int64_t(cv) * KK * V : nullptr;
-  acc_t acc[V];
-  ELSA_UNROLL
-  for (int e = 0; e < V; ++e) acc[e] = 0;
-  const int y0 = i * g.stride - r * g.dilation, x0 = j * g.stride - r * g.dilation;
+                             j0 * A.attention_strides.column + grp * A.attention_strides.group;
+  Global<const acc_t> mp = nullptr, ap = nullptr;
+  if constexpr (kMul) mp = A.ghost_mul + b * A.ghost_mul_batch_stride + c;
+  if constexpr (kAdd) ap = A.ghost_add + b * A.ghost_add_batch_stride + c;
+  const Global<T> out = A.destination + b * A.destination_strides.batch + i * A.destination_strides.row +
+                        j0 * A.destination_strides.column + c;
+  const int y0 = i * g.stride - r * g.dilation, x0 = j0 * g.stride - r * g.dilation;
   const int span = (K - 1) * g.dilation;
-  if (y0 >= 0 && y0 + span < g.H && x0 >= 0 && x0 + span < g.W) {
-    // The whole window inside the image (most pixels): no bounds to check.
-    // Rows one after the other (unrolling them too would only hoist loads into spilled registers), the
-    // taps of a row unrolled, at compile-time offsets from pointers that step once per row.
-    Global<const T> xrow = xb + y0 * A.source_strides.row + x0 * A.source_strides.column;
-    const int64_t dy = int64_t(g.dilation) * A.source_strides.row, dx = int64_t(g.dilation) * A.source_strides.column;
-    Global<const T> hrow = hp;
-    Global<const acc_t> mrow = mp, arow = ap;
-    ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p) {
-      ELSA_UNROLL_BY(kRowUnroll)
-      for (int q = 0; q < K; ++q)
-        weighted_tap<T, V>(acc, xrow + q * dx, static_cast<acc_t>(load(hrow + q)), mrow, arow, q);
-      xrow += dy;
-      hrow += K;
-      if (mrow) mrow += K * V;
-      if (arow) arow += K * V;
+  if (n == P && A.narrow_offsets && y0 >= 0 && y0 + span < g.H && x0 >= 0 && x0 + (P - 1) * g.stride + span < g.W) {
+    // Every window of the run inside the image (most runs): no bounds to check. Rows one after the other,
+    // taps along a row by stepping one pointer into x and one into the attention; each of the run's pixels
+    // is a fixed 32-bit offset from those, and a tap's ghost values serve the whole run.
+    acc_t acc[P][V];
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) {
+      ELSA_UNROLL
+      for (int e = 0; e < V; ++e) acc[u][e] = 0;
     }
-  } else {
-    int y = y0;
+    int xo[P], ho[P];
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) {
+      xo[u] = u * g.stride * int(A.source_strides.column);
+      ho[u] = u * int(A.attention_strides.column);
+    }
+    Global<const T> xrow = xb + y0 * A.source_strides.row + x0 * A.source_strides.column, hq = hp;
+    const int64_t dx = int64_t(g.dilation) * A.source_strides.column, dy = int64_t(g.dilation) * A.source_strides.row;
     ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p, y += g.dilation) {
-      if (y < 0 || y >= g.H) continue;
-      const Global<const T> xrow = xb + y * A.source_strides.row;
-      int xx = x0;
-      ELSA_UNROLL_BY(kRowUnroll)
-      for (int q = 0; q < K; ++q, xx += g.dilation) {
-        if (xx < 0 || xx >= g.W) continue;
-        const int t = p * K + q;
-        weighted_tap<T, V>(acc, xrow + xx * A.source_strides.column, static_cast<acc_t>(load(hp + t)), mp, ap, t);
+    for (int p = 0; p < K; ++p, xrow += dy) {
+      Global<const T> xq = xrow;
+      // (Unrolled, the run's loads of a whole row would be hoisted into spilled registers.)
+      ELSA_NO_UNROLL
+      for (int q = 0; q < K; ++q, xq += dx, hq += 1) {
+        acc_t mv[V], av[V];
+        load_ghosts<kMul, kAdd>(mp, ap, 0, mv, av);  // (the tables' taps follow one another)
+        if constexpr (kMul) mp += g.C;
+        if constexpr (kAdd) ap += g.C;
+        ELSA_UNROLL
+        for (int u = 0; u < P; ++u) {
+          acc_t xv[V];
+          load_vec<T, V>(xq + xo[u], xv);
+          weighted_accumulate<kMul, kAdd>(acc[u], xv, static_cast<acc_t>(load(hq + ho[u])), mv, av);
+        }
       }
     }
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) store_vec<T, V>(out + u * A.destination_strides.column, acc[u]);
+  } else {
+    // Pixel by pixel, each stored as soon as it is summed (a run's accumulators indexed by a loop counter
+    // would live in local memory).
+    for (int u = 0; u < n; ++u) {
+      acc_t acc[V];
+      ELSA_UNROLL
+      for (int e = 0; e < V; ++e) acc[e] = 0;
+      const Global<const T> h = hp + u * A.attention_strides.column;
+      int y = y0;
+      ELSA_NO_UNROLL
+      for (int p = 0; p < K; ++p, y += g.dilation) {
+        if (y < 0 || y >= g.H) continue;
+        const Global<const T> xrow = xb + y * A.source_strides.row;
+        int xx = x0 + u * g.stride;
+        for (int q = 0; q < K; ++q, xx += g.dilation) {
+          if (xx < 0 || xx >= g.W) continue;
+          const int t = p * K + q;
+          weighted_tap<T, V, kMul, kAdd>(acc, xrow + xx * A.source_strides.column, static_cast<acc_t>(load(h + t)), mp,
+                                         ap, int64_t(t) * g.C);
+        }
+      }
+      store_vec<T, V>(out + u * A.destination_strides.column, acc);
+    }
   }
-  store_vec<T, V>(A.destination + b * A.destination_strides.batch + i * A.destination_strides.row +
-                      j * A.destination_strides.column + c,
-                  acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -224,83 +265,110 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
 // output pixels (i, j) and taps t with i*s + dy_t = y and j*s + dx_t = x. Walking the taps backwards
 // from tap 0, the output row i*s = y + (K/2 - p) * dilation steps down by `dilation`, which is
 // d_div_s rows plus d_mod_s in the remainder: a carried remainder replaces division in the loops.
-template <typename T, int KT, int V>
+template <typename T, int KT, int V, bool kMul, bool kAdd>
 ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   using acc_t = acc_of<T>;
-  [[maybe_unused]] constexpr int kRowUnroll = tap_row_unroll<KT, V>();
+  constexpr int P = kRunPixels;
   const Geometry<int>& g = A.geometry;
-  if (item >= g.W * A.channel_vectors) return;
-  const int K = kernel_size<KT>(g), r = K / 2, KK = K * K, s = g.stride;
+  if (item >= gather_items_per_row(A, true)) return;
+  const int K = kernel_size<KT>(g), r = K / 2, s = g.stride;
   const int b = row / g.H, y = row - b * g.H;
-  const int x = item / A.channel_vectors, cv = item - x * A.channel_vectors, c = cv * V;
+  const int run = item / A.channel_vectors, cv = item - run * A.channel_vectors, c = cv * V;
+  const int x0 = run * P, n = g.W - x0 < P ? g.W - x0 : P;  // the run's first pixel and its length
   const int grp = c / A.channels_per_group;
   const Global<const T> gob = A.source + b * A.source_strides.batch + c;
   const Global<const T> hb = A.attention + b * A.attention_strides.batch + grp * A.attention_strides.group;
-  const Global<const acc_t> mp =
-      A.ghost_mul ? A.ghost_mul + b * A.ghost_mul_batch_stride + int64_t(cv) * KK * V : nullptr;
-  const Global<const acc_t> ap =
-      A.ghost_add ? A.ghost_add + b * A.ghost_add_batch_stride + int64_t(cv) * KK * V : nullptr;
-  acc_t acc[V];
-  ELSA_UNROLL
-  for (int e = 0; e < V; ++e) acc[e] = 0;
+  Global<const acc_t> mp = nullptr, ap = nullptr;
+  if constexpr (kMul) mp = A.ghost_mul + b * A.ghost_mul_batch_stride + c;
+  if constexpr (kAdd) ap = A.ghost_add + b * A.ghost_add_batch_stride + c;
+  const Global<T> out = A.destination + b * A.destination_strides.batch + y * A.destination_strides.row +
+                        x0 * A.destination_strides.column + c;
   // Tap p = 0 reaches input row y from output row (y + r*d) / s; both numerators are >= 0 here.
-  const int ty = y + r * g.dilation, tx = x + r * g.dilation;
+  const int ty = y + r * g.dilation, tx = x0 + r * g.dilation;
   const int span = (K - 1) * g.dilation;
-  if (s == 1 && ty < g.Ho && ty - span >= 0 && tx < g.Wo && tx - span >= 0) {
-    // Stride 1 with every tap's output pixel inside the output (most pixels): no remainders, no bounds.
-    // Rows one after the other, the taps of a row unrolled (as in forward_item).
+  if (s == 1 && n == P && A.narrow_offsets && ty < g.Ho && ty - span >= 0 && tx + P - 1 < g.Wo && tx - span >= 0) {
+    // Stride 1 with every tap's output pixel inside the output for the whole run (most runs): no remainders,
+    // no bounds. As in forward_item: rows one after the other, taps along a row by stepping one pointer into
+    // grad_out and one into the attention, each pixel of the run a fixed 32-bit offset from those.
+    acc_t acc[P][V];
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) {
+      ELSA_UNROLL
+      for (int e = 0; e < V; ++e) acc[u][e] = 0;
+    }
+    int go[P], ho[P];
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) {
+      go[u] = u * int(A.source_strides.column);
+      ho[u] = u * int(A.attention_strides.column);
+    }
     Global<const T> gorow = gob + ty * A.source_strides.row + tx * A.source_strides.column;
     Global<const T> hrow = hb + ty * A.attention_strides.row + tx * A.attention_strides.column;
-    const int64_t go_dy = int64_t(g.dilation) * A.source_strides.row,
-                  go_dx = int64_t(g.dilation) * A.source_strides.column;
-    const int64_t h_dy = int64_t(g.dilation) * A.attention_strides.row,
-                  h_dx = int64_t(g.dilation) * A.attention_strides.column;
-    Global<const acc_t> mrow = mp, arow = ap;
+    const int64_t go_dx = int64_t(g.dilation) * A.source_strides.column,
+                  go_dy = int64_t(g.dilation) * A.source_strides.row;
+    const int64_t h_dx = 1 - int64_t(g.dilation) * A.attention_strides.column,
+                  h_dy = K - int64_t(g.dilation) * A.attention_strides.row;
     ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p) {
-      ELSA_UNROLL_BY(kRowUnroll)
-      for (int q = 0; q < K; ++q)
-        weighted_tap<T, V>(acc, gorow - q * go_dx, static_cast<acc_t>(load(hrow + (q - q * h_dx))), mrow, arow, q);
-      gorow -= go_dy;
-      hrow += K - h_dy;
-      if (mrow) mrow += K * V;
-      if (arow) arow += K * V;
-    }
-  } else {
-    int iq = ty / s, ir = ty - iq * s;
-    const int jq0 = tx / s, jr0 = tx - jq0 * s;
-    ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p) {
-      if (ir == 0 && iq >= 0 && iq < g.Ho) {
-        const Global<const T> gorow = gob + iq * A.source_strides.row;
-        const Global<const T> hrow = hb + iq * A.attention_strides.row;
-        int jq = jq0, jr = jr0;
-        ELSA_UNROLL_BY(kRowUnroll)
-        for (int q = 0; q < K; ++q) {
-          if (jr == 0 && jq >= 0 && jq < g.Wo) {
-            const int t = p * K + q;
-            weighted_tap<T, V>(acc, gorow + jq * A.source_strides.column,
-                               static_cast<acc_t>(load(hrow + (jq * A.attention_strides.column + t))), mp, ap, t);
-          }
-          jq -= A.dilation_div_stride;
-          jr -= A.dilation_mod_stride;
-          if (jr < 0) {
-            jr += s;
-            --jq;
-          }
+    for (int p = 0; p < K; ++p, gorow -= go_dy, hrow += h_dy) {
+      Global<const T> gq = gorow, hq = hrow;
+      // (Unrolled, the run's loads of a whole row would be hoisted into spilled registers.)
+      ELSA_NO_UNROLL
+      for (int q = 0; q < K; ++q, gq -= go_dx, hq += h_dx) {
+        acc_t mv[V], av[V];
+        load_ghosts<kMul, kAdd>(mp, ap, 0, mv, av);  // (the tables' taps follow one another)
+        if constexpr (kMul) mp += g.C;
+        if constexpr (kAdd) ap += g.C;
+        ELSA_UNROLL
+        for (int u = 0; u < P; ++u) {
+          acc_t gv[V];
+          load_vec<T, V>(gq + go[u], gv);
+          weighted_accumulate<kMul, kAdd>(acc[u], gv, static_cast<acc_t>(load(hq + ho[u])), mv, av);
         }
       }
-      iq -= A.dilation_div_stride;
-      ir -= A.dilation_mod_stride;
-      if (ir < 0) {
-        ir += s;
-        --iq;
+    }
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) store_vec<T, V>(out + u * A.destination_strides.column, acc[u]);
+  } else {
+    // Pixel by pixel, each stored as soon as it is summed (a run's accumulators indexed by a loop counter
+    // would live in local memory).
+    for (int u = 0; u < n; ++u) {
+      acc_t acc[V];
+      ELSA_UNROLL
+      for (int e = 0; e < V; ++e) acc[e] = 0;
+      const int tu = tx + u;
+      int iq = ty / s, ir = ty - iq * s;
+      const int jq0 = tu / s, jr0 = tu - jq0 * s;
+      ELSA_NO_UNROLL
+      for (int p = 0; p < K; ++p) {
+        if (ir == 0 && iq >= 0 && iq < g.Ho) {
+          const Global<const T> gorow = gob + iq * A.source_strides.row;
+          const Global<const T> hrow = hb + iq * A.attention_strides.row;
+          int jq = jq0, jr = jr0;
+          for (int q = 0; q < K; ++q) {
+            if (jr == 0 && jq >= 0 && jq < g.Wo) {
+              const int t = p * K + q;
+              weighted_tap<T, V, kMul, kAdd>(acc, gorow + jq * A.source_strides.column,
+                                             static_cast<acc_t>(load(hrow + (jq * A.attention_strides.column + t))), mp,
+                                             ap, int64_t(t) * g.C);
+            }
+            jq -= A.dilation_div_stride;
+            jr -= A.dilation_mod_stride;
+            if (jr < 0) {
+              jr += s;
+              --jq;
+            }
+          }
+        }
+        iq -= A.dilation_div_stride;
+        ir -= A.dilation_mod_stride;
+        if (ir < 0) {
+          ir += s;
+          --iq;
+        }
       }
+      store_vec<T, V>(out + u * A.destination_strides.column, acc);
     }
   }
-  store_vec<T, V>(A.destination + b * A.destination_strides.batch + y * A.destination_strides.row +
-                      x * A.destination_strides.column + c,
-                  acc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -428,7 +496,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
         th.sum_add[k][e2] = 0;
       }
       if (th.live[k] && A.ghost_mul)
-        load_acc<acc_t, V>(A.ghost_mul + b * A.ghost_mul_batch_stride + (int64_t(th.c[k] / V) * KK + t) * V, th.mv[k]);
+        load_acc<acc_t, V>(A.ghost_mul + b * A.ghost_mul_batch_stride + int64_t(t) * g.C + th.c[k], th.mv[k]);
     }
   });
   blk.sync();

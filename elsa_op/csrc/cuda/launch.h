@@ -3,7 +3,8 @@
 // runs their bodies on CPU (the emulation in tests/), so both go through exactly this code.
 //
 // Runner interface (T, KT, V as in kernels.cuh):
-//   template <typename T, int KT, int V, bool kGradFeatures> void gather(const GatherArgs<T>&, int rows);
+//   template <typename T, int KT, int V, bool kGradFeatures, bool kMul, bool kAdd>
+//   void gather(const GatherArgs<T>&, int rows);   (kMul, kAdd: whether the ghost kernels are given)
 //   template <typename T, int KT, int V> void attn_ghost(const AttnGhostArgs<T>&, int blocks_x);
 //   template <typename A> void ghost_reduce(const GhostReduceArgs<A>&, int64_t items);
 //   template <typename T> void chunk_sum(const ChunkSumArgs<T>&);
@@ -120,11 +121,22 @@ inline bool vectors_fit(const Geometry<int64_t>& g, std::initializer_list<const 
   return true;
 }
 
-// Ghost kernels as [U, C/V, K*K, V] tables in the accumulation type (a copy of C*K*K values per unit).
-inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const Geometry<int64_t>& g, at::ScalarType acc,
-                              int V) {
+// Ghost kernels as tap-major [U, K*K, C] tables in the accumulation type (a copy of C*K*K values per unit):
+// the lanes of a warp, which own neighbouring channel vectors, then read one tap's values from neighbouring
+// bytes. The kernels load them as 16-byte vectors, so a table off 16-byte alignment (a view of the
+// caller's tensor, as K = 1 can leave it) is copied.
+inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const Geometry<int64_t>& g, at::ScalarType acc) {
   if (!t) return at::Tensor();
-  return t->to(acc).reshape({t->dim() == 4 ? g.B : 1, g.C / V, V, g.taps()}).transpose(2, 3).contiguous();
+  auto table = t->to(acc).reshape({t->dim() == 4 ? g.B : 1, g.C, g.taps()}).transpose(1, 2).contiguous();
+  return reinterpret_cast<uintptr_t>(table.const_data_ptr()) % 16 == 0 ? table : table.clone();
+}
+
+// Whether the 32-bit offsets of the gathers' inside-the-image paths fit: from a run's first pixel to its
+// last, in the source and in the attention (else every run takes the border path, with 64-bit offsets).
+inline bool narrow_offsets(const Geometry<int64_t>& g, const at::Tensor& source, const at::Tensor& attention) {
+  constexpr int64_t lim = int64_t(1) << 31;
+  const int64_t run = kRunPixels - 1;
+  return run * g.stride * std::abs(source.stride(3)) < lim && run * std::abs(attention.stride(4)) < lim;
 }
 
 // The kernels compute in-plane coordinates and per-row indices in 32 bits.
@@ -183,13 +195,14 @@ at::Tensor gather_impl(Runner& run, const Geometry<int64_t>& g, const at::Tensor
   if (dst.numel() > 0) {
     dispatch(src.scalar_type(), g.K, vectors_fit(g, {&src, &dst}), [&]<typename T, int KT, int V>() {
       using A = acc_of<T>;
-      const auto m = ghost_table(ghost_mul, g, acc, V), a = ghost_table(ghost_add, g, acc, V);
+      const auto m = ghost_table(ghost_mul, g, acc), a = ghost_table(ghost_add, g, acc);
       GatherArgs<T> args{};
       args.geometry = geometry32(g);
       args.channels_per_group = int(g.C / g.G);
       args.channel_vectors = int(g.C / V);
       args.dilation_div_stride = int(g.dilation / g.stride);
       args.dilation_mod_stride = int(g.dilation % g.stride);
+      args.narrow_offsets = narrow_offsets(g, src, h);
       args.source = global_ptr<const T>(src, kGradFeatures ? "grad_out" : "features");
       args.source_strides = strides_of(src);
       args.attention = global_ptr<const T>(h, "attention");
@@ -200,7 +213,19 @@ at::Tensor gather_impl(Runner& run, const Geometry<int64_t>& g, const at::Tensor
       args.ghost_add_batch_stride = table_batch_stride(a, g);
       args.destination = global_ptr<T>(dst, kGradFeatures ? "grad features" : "output");
       args.destination_strides = strides_of(dst);
-      run.template gather<T, KT, V, kGradFeatures>(args, int(g.B * rows));
+      // The ghost kernels' presence is compiled in, so that m * w + a is one FFMA and an absent term is free.
+      auto launch = [&]<bool kMul, bool kAdd>() {
+        run.template gather<T, KT, V, kGradFeatures, kMul, kAdd>(args, int(g.B * rows));
+      };
+      if (m.defined() && a.defined()) {
+        launch.template operator()<true, true>();
+      } else if (m.defined()) {
+        launch.template operator()<true, false>();
+      } else if (a.defined()) {
+        launch.template operator()<false, true>();
+      } else {
+        launch.template operator()<false, false>();
+      }
     });
   }
   return to_caller_layout(dst, is_channels_last(values));
@@ -286,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
       need_attn && plan.channel_chunks > 1 ? at::empty({plan.channel_chunks, gh.numel()}, part_opts) : at::Tensor();
   dispatch(x.scalar_type(), g.K, V > 1, [&]<typename T, int KT, int VV>() {
     using A = acc_of<T>;
-    const auto m = need_attn ? ghost_table(ghost_mul, g, acc, VV) : at::Tensor();
+    const auto m = need_attn ? ghost_table(ghost_mul, g, acc) : at::Tensor();
     AttnGhostArgs<T> args{};
     args.geometry = geometry32(g);
     args.channels_per_group = int(g.C / g.G);

@@ -13,14 +13,14 @@ namespace elsa_op::gpu {
 namespace {
 
 // Rows (b, row of the grid written) go over gridDim.y, strided; the items of a row over x.
-template <typename T, int KT, int V, bool kGradFeatures>
+template <typename T, int KT, int V, bool kGradFeatures, bool kMul, bool kAdd>
 __global__ void __launch_bounds__(kItemThreads, 2) gather_kernel(const GatherArgs<T> args, int rows) {
   const int item = blockIdx.x * kItemThreads + threadIdx.x;
   for (int row = blockIdx.y; row < rows; row += gridDim.y) {
     if constexpr (kGradFeatures) {
-      features_item<T, KT, V>(args, row, item);
+      features_item<T, KT, V, kMul, kAdd>(args, row, item);
     } else {
-      forward_item<T, KT, V>(args, row, item);
+      forward_item<T, KT, V, kMul, kAdd>(args, row, item);
     }
   }
 }
@@ -63,10 +63,11 @@ __global__ void __launch_bounds__(kItemThreads) chunk_sum_kernel(const ChunkSumA
 struct CudaRunner {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  template <typename T, int KT, int V, bool kGradFeatures>
+  template <typename T, int KT, int V, bool kGradFeatures, bool kMul, bool kAdd>
   void gather(const GatherArgs<T>& args, int rows) {
-    const auto n = item_grid(int64_t(kGradFeatures ? args.geometry.W : args.geometry.Wo) * args.channel_vectors, rows);
-    gather_kernel<T, KT, V, kGradFeatures><<<dim3(unsigned(n.x), unsigned(n.y)), kItemThreads, 0, stream>>>(args, rows);
+    const auto n = item_grid(gather_items_per_row(args, kGradFeatures), rows);
+    gather_kernel<T, KT, V, kGradFeatures, kMul, kAdd>
+        <<<dim3(unsigned(n.x), unsigned(n.y)), kItemThreads, 0, stream>>>(args, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T, int KT, int V>
