@@ -115,8 +115,9 @@ struct GatherArgs {
   int channel_vectors;      // per pixel: C / V
   int dilation_div_stride;  // dilation / stride and dilation % stride: the grad-features gather steps
   int dilation_mod_stride;  // through the output grid with these instead of dividing in its inner loop
-  // Whether the offsets from a run's first pixel to its others, in the source and the attention, fit 32
-  // bits: the inside-the-image paths, which form the pixels' addresses from them, may then be taken.
+  // Whether the offsets along a window row and from a run's first pixel to its others, in the source and
+  // the attention, and along a row of the ghost tables fit 32 bits: the inside-the-image paths, which form
+  // their addresses from them, may then be taken.
   bool narrow_offsets;
   Global<const T> source;  // the features (forward) or grad_out (grad features)
   PixelStrides source_strides;
@@ -197,9 +198,10 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
   const int y0 = i * g.stride - r * g.dilation, x0 = j0 * g.stride - r * g.dilation;
   const int span = (K - 1) * g.dilation;
   if (n == P && A.narrow_offsets && y0 >= 0 && y0 + span < g.H && x0 >= 0 && x0 + (P - 1) * g.stride + span < g.W) {
-    // Every window of the run inside the image (most runs): no bounds to check. Rows one after the other,
-    // taps along a row by stepping one pointer into x and one into the attention; each of the run's pixels
-    // is a fixed 32-bit offset from those, and a tap's ghost values serve the whole run.
+    // Every window of the run inside the image (most runs): no bounds to check. Rows one after the other;
+    // a tap's addresses are 32-bit offsets from the row's pointers (each a function of the tap alone, so
+    // that nothing but the tap index is carried from tap to tap), each of the run's pixels a fixed 32-bit
+    // offset from those, and a tap's ghost values serve the whole run.
     acc_t acc[P][V];
     ELSA_UNROLL
     for (int u = 0; u < P; ++u) {
@@ -212,18 +214,17 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
       xo[u] = u * g.stride * int(A.source_strides.column);
       ho[u] = u * int(A.attention_strides.column);
     }
-    Global<const T> xrow = xb + y0 * A.source_strides.row + x0 * A.source_strides.column, hq = hp;
-    const int64_t dx = int64_t(g.dilation) * A.source_strides.column, dy = int64_t(g.dilation) * A.source_strides.row;
+    Global<const T> xrow = xb + y0 * A.source_strides.row + x0 * A.source_strides.column, hrow = hp;
+    const int dx = g.dilation * int(A.source_strides.column);
+    const int64_t dy = int64_t(g.dilation) * A.source_strides.row, ghost_row = int64_t(K) * g.C;
     ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p, xrow += dy) {
-      Global<const T> xq = xrow;
+    for (int p = 0; p < K; ++p, xrow += dy, hrow += K) {
       // (Unrolled, the run's loads of a whole row would be hoisted into spilled registers.)
       ELSA_NO_UNROLL
-      for (int q = 0; q < K; ++q, xq += dx, hq += 1) {
+      for (int q = 0; q < K; ++q) {
+        const Global<const T> xq = xrow + q * dx, hq = hrow + q;
         acc_t mv[V], av[V];
-        load_ghosts<kMul, kAdd>(mp, ap, 0, mv, av);  // (the tables' taps follow one another)
-        if constexpr (kMul) mp += g.C;
-        if constexpr (kAdd) ap += g.C;
+        load_ghosts<kMul, kAdd>(mp, ap, q * g.C, mv, av);
         ELSA_UNROLL
         for (int u = 0; u < P; ++u) {
           acc_t xv[V];
@@ -231,6 +232,8 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
           weighted_accumulate<kMul, kAdd>(acc[u], xv, static_cast<acc_t>(load(hq + ho[u])), mv, av);
         }
       }
+      if constexpr (kMul) mp += ghost_row;
+      if constexpr (kAdd) ap += ghost_row;
     }
     ELSA_UNROLL
     for (int u = 0; u < P; ++u) store_vec<T, V>(out + u * A.destination_strides.column, acc[u]);
@@ -288,8 +291,8 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
   const int span = (K - 1) * g.dilation;
   if (s == 1 && n == P && A.narrow_offsets && ty < g.Ho && ty - span >= 0 && tx + P - 1 < g.Wo && tx - span >= 0) {
     // Stride 1 with every tap's output pixel inside the output for the whole run (most runs): no remainders,
-    // no bounds. As in forward_item: rows one after the other, taps along a row by stepping one pointer into
-    // grad_out and one into the attention, each pixel of the run a fixed 32-bit offset from those.
+    // no bounds. As in forward_item: rows one after the other, a tap's addresses 32-bit offsets from the
+    // row's pointers, each pixel of the run a fixed 32-bit offset from those.
     acc_t acc[P][V];
     ELSA_UNROLL
     for (int u = 0; u < P; ++u) {
@@ -304,20 +307,18 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
     }
     Global<const T> gorow = gob + ty * A.source_strides.row + tx * A.source_strides.column;
     Global<const T> hrow = hb + ty * A.attention_strides.row + tx * A.attention_strides.column;
-    const int64_t go_dx = int64_t(g.dilation) * A.source_strides.column,
-                  go_dy = int64_t(g.dilation) * A.source_strides.row;
-    const int64_t h_dx = 1 - int64_t(g.dilation) * A.attention_strides.column,
-                  h_dy = K - int64_t(g.dilation) * A.attention_strides.row;
+    const int go_dx = g.dilation * int(A.source_strides.column),
+              h_dx = 1 - g.dilation * int(A.attention_strides.column);
+    const int64_t go_dy = int64_t(g.dilation) * A.source_strides.row,
+                  h_dy = K - int64_t(g.dilation) * A.attention_strides.row, ghost_row = int64_t(K) * g.C;
     ELSA_NO_UNROLL
     for (int p = 0; p < K; ++p, gorow -= go_dy, hrow += h_dy) {
-      Global<const T> gq = gorow, hq = hrow;
       // (Unrolled, the run's loads of a whole row would be hoisted into spilled registers.)
       ELSA_NO_UNROLL
-      for (int q = 0; q < K; ++q, gq -= go_dx, hq += h_dx) {
+      for (int q = 0; q < K; ++q) {
+        const Global<const T> gq = gorow - q * go_dx, hq = hrow + q * h_dx;
         acc_t mv[V], av[V];
-        load_ghosts<kMul, kAdd>(mp, ap, 0, mv, av);  // (the tables' taps follow one another)
-        if constexpr (kMul) mp += g.C;
-        if constexpr (kAdd) ap += g.C;
+        load_ghosts<kMul, kAdd>(mp, ap, q * g.C, mv, av);
         ELSA_UNROLL
         for (int u = 0; u < P; ++u) {
           acc_t gv[V];
@@ -325,6 +326,8 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
           weighted_accumulate<kMul, kAdd>(acc[u], gv, static_cast<acc_t>(load(hq + ho[u])), mv, av);
         }
       }
+      if constexpr (kMul) mp += ghost_row;
+      if constexpr (kAdd) ap += ghost_row;
     }
     ELSA_UNROLL
     for (int u = 0; u < P; ++u) store_vec<T, V>(out + u * A.destination_strides.column, acc[u]);

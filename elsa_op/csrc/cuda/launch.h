@@ -131,12 +131,14 @@ inline at::Tensor ghost_table(const std::optional<at::Tensor>& t, const Geometry
   return reinterpret_cast<uintptr_t>(table.const_data_ptr()) % 16 == 0 ? table : table.clone();
 }
 
-// Whether the 32-bit offsets of the gathers' inside-the-image paths fit: from a run's first pixel to its
-// last, in the source and in the attention (else every run takes the border path, with 64-bit offsets).
+// Whether the 32-bit offsets of the gathers' inside-the-image paths fit: along a window row and from a
+// run's first pixel to its last, in the source and in the attention (whose taps add K), and a window row
+// of the ghost tables (else every run takes the border path, with 64-bit offsets).
 inline bool narrow_offsets(const Geometry<int64_t>& g, const at::Tensor& source, const at::Tensor& attention) {
   constexpr int64_t lim = int64_t(1) << 31;
-  const int64_t run = kRunPixels - 1;
-  return run * g.stride * std::abs(source.stride(3)) < lim && run * std::abs(attention.stride(4)) < lim;
+  const int64_t along = std::max<int64_t>(g.K - 1, 1) * g.dilation, run = kRunPixels - 1;
+  return std::max(along, run * g.stride) * std::abs(source.stride(3)) < lim &&
+         std::max(along, run) * std::abs(attention.stride(4)) + g.K < lim && g.K * g.C < lim;
 }
 
 // The kernels compute in-plane coordinates and per-row indices in 32 bits.
