@@ -164,6 +164,22 @@ ELSA_HD void weighted_accumulate(A (&acc)[V], const A (&v)[V], A w, const A (&mv
   }
 }
 
+// One tap for a run of P pixels: the tap's ghost values are loaded once and serve the whole run; pixel u
+// reads its vector at src + src_offset[u] and its attention weight at h + h_offset[u].
+template <typename T, int V, int P, bool kMul, bool kAdd>
+ELSA_HD void run_tap(acc_of<T> (&acc)[P][V], Global<const T> src, const int (&src_offset)[P], Global<const T> h,
+                     const int (&h_offset)[P], Global<const acc_of<T>> m, Global<const acc_of<T>> a, int64_t at) {
+  using acc_t = acc_of<T>;
+  acc_t mv[V], av[V];
+  load_ghosts<kMul, kAdd>(m, a, at, mv, av);
+  ELSA_UNROLL
+  for (int u = 0; u < P; ++u) {
+    acc_t v[V];
+    load_vec<T, V>(src + src_offset[u], v);
+    weighted_accumulate<kMul, kAdd>(acc[u], v, static_cast<acc_t>(load(h + h_offset[u])), mv, av);
+  }
+}
+
 // One tap of one pixel, loading everything it needs (the border paths).
 template <typename T, int V, bool kMul, bool kAdd>
 ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, Global<const acc_of<T>> m,
@@ -222,15 +238,7 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
       // (Unrolled, the run's loads of a whole row would be hoisted into spilled registers.)
       ELSA_NO_UNROLL
       for (int q = 0; q < K; ++q) {
-        const Global<const T> xq = xrow + q * dx, hq = hrow + q;
-        acc_t mv[V], av[V];
-        load_ghosts<kMul, kAdd>(mp, ap, q * g.C, mv, av);
-        ELSA_UNROLL
-        for (int u = 0; u < P; ++u) {
-          acc_t xv[V];
-          load_vec<T, V>(xq + xo[u], xv);
-          weighted_accumulate<kMul, kAdd>(acc[u], xv, static_cast<acc_t>(load(hq + ho[u])), mv, av);
-        }
+        run_tap<T, V, P, kMul, kAdd>(acc, xrow + q * dx, xo, hrow + q, ho, mp, ap, q * g.C);
       }
       if constexpr (kMul) mp += ghost_row;
       if constexpr (kAdd) ap += ghost_row;
@@ -316,15 +324,7 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
       // (Unrolled, the run's loads of a whole row would be hoisted into spilled registers.)
       ELSA_NO_UNROLL
       for (int q = 0; q < K; ++q) {
-        const Global<const T> gq = gorow - q * go_dx, hq = hrow + q * h_dx;
-        acc_t mv[V], av[V];
-        load_ghosts<kMul, kAdd>(mp, ap, q * g.C, mv, av);
-        ELSA_UNROLL
-        for (int u = 0; u < P; ++u) {
-          acc_t gv[V];
-          load_vec<T, V>(gq + go[u], gv);
-          weighted_accumulate<kMul, kAdd>(acc[u], gv, static_cast<acc_t>(load(hq + ho[u])), mv, av);
-        }
+        run_tap<T, V, P, kMul, kAdd>(acc, gorow - q * go_dx, go, hrow + q * h_dx, ho, mp, ap, q * g.C);
       }
       if constexpr (kMul) mp += ghost_row;
       if constexpr (kAdd) ap += ghost_row;
