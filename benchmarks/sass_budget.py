@@ -20,9 +20,11 @@ How one trip's channel-taps are recognised (the kernels' structure, kernels.cuh)
     is taken: the inside-the-image path, which most pixels take. The gathers are compiled once per
     combination of ghost kernels given; the one with both (m * w + a per channel-tap) is counted, since
     the others do less.
-  - the fused attention/ghost pass: each (pixel, tap) of a thread's pair loads one grad_out and one
-    features vector (the loop's 128-bit loads); channel-taps = those loads / 2 x V. Its loops that also
-    load an attention weight (narrower loads) are the ones that compute the grad of ghost_mul.
+  - the fused attention/ghost pass: each (pixel, tap) of a thread's pairs loads one grad_out and one
+    features vector (the loop's 128-bit loads); channel-taps = those loads / 2 x V. It has a loop without
+    ghost_mul, one weighted by it and one for its gradient, which also loads an attention weight (the
+    narrower loads); of the first two the one with fewer instructions per channel-tap, the one without
+    ghost_mul as ELSA-Swin runs, is counted.
 
 Time estimates, per device, at ELSA-Swin-T stage 1 (batch 128, C = 96, 56 x 56, 3 heads, K = 7, ghost_add
 only as ELSA-Swin uses it):

@@ -153,6 +153,22 @@ def test_emulated_large_heads_and_kernels(emu):
     assert "forward<0,4>" in ran
 
 
+def test_emulated_column_steps_past_32_bits(emu):
+    """A one-pixel-wide image whose views step 2^31 elements from column to column (a stride PyTorch keeps
+    for a dimension of size 1): the gathers take their 64-bit paths, and the attention/ghost pass, which
+    steps along runs of pixels with 32-bit offsets, gets compact copies from its launcher."""
+    B, C, H, W, G, K = 2, 16, 9, 1, 2, 3
+    x, h, go, m, a, xl, hl, gol = make_case(B, C, H, W, G, K, 1, 1, torch.float32, "broadcast", "channels_last")
+
+    def wide(t):
+        return t.as_strided(t.shape, (*t.stride()[:3], 2**31))
+
+    xw, gow = wide(xl), wide(gol)
+    assert xw.stride(1) == 1 and torch.equal(xw, xl)
+    ran = _check_tensors(emu, x, h, go, m, a, xw, hl, gow, G, K, 1, 1, subsets=[(True, True, True)])
+    assert "attn_ghost<3,4>" in ran
+
+
 def test_emulated_empty_batch(emu):
     x, h, go, m, a, xl, hl, gol = make_case(0, 16, 5, 6, 2, 3, 1, 1, torch.float32, "broadcast", "channels_last")
     out, _ = emu.forward(xl, hl, m, a, 3, 1, 1, -1)

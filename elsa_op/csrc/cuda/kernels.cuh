@@ -21,7 +21,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../geometry.h"
 
@@ -51,19 +54,48 @@ struct AccOf<double> {
 template <typename T>
 using acc_of = typename AccOf<T>::type;
 
+// a * b + c, rounded once: one FFMA on the GPU whatever the compiler's contraction choices.
+ELSA_HD float fused_multiply_add(float a, float b, float c) {
+  return fmaf(a, b, c);
+}
+ELSA_HD double fused_multiply_add(double a, double b, double c) {
+  return fma(a, b, c);
+}
+
 // V elements that load and store as one aligned vector (16 bytes when V * sizeof(T) == 16).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+ELSA_HD float float_of_bits(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
 // Vector accesses (see access.h for the checks the emulation makes; none on the GPU).
 template <typename T, int V>
 ELSA_HD void load_vec(Global<const T> p, acc_of<T> (&out)[V]) {
   check_access(p, V, int(sizeof(Vec<T, V>)), "vector load");
-  const Vec<T, V> bits = *reinterpret_cast<const Vec<T, V>*>(raw(p));
-  ELSA_UNROLL
-  for (int e = 0; e < V; ++e) out[e] = static_cast<acc_of<T>>(bits.v[e]);
+  if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
+    // A bfloat16 is the upper half of a float32. Read as 32-bit words, the low element is one shift away
+    // and the high one a mask; converted one by one, the high element is first moved down, then up again.
+    const Vec<uint32_t, V / 2> words = *reinterpret_cast<const Vec<uint32_t, V / 2>*>(raw(p));
+    ELSA_UNROLL
+    for (int e = 0; e < V / 2; ++e) {
+      out[2 * e] = float_of_bits(words.v[e] << 16);
+      out[2 * e + 1] = float_of_bits(words.v[e] & 0xffff0000u);
+    }
+  } else {
+    const Vec<T, V> bits = *reinterpret_cast<const Vec<T, V>*>(raw(p));
+    ELSA_UNROLL
+    for (int e = 0; e < V; ++e) out[e] = static_cast<acc_of<T>>(bits.v[e]);
+  }
 }
 
 // Ghost tables are in the accumulation type already.
@@ -380,11 +412,16 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
 // over pixels for the ghost kernels, so grad_out, x and h are read once for all three.
 //
 // A block owns one (image tile, head, chunk) and its threads own (channel vector, tap) pairs of that head;
-// consecutive threads take consecutive channel vectors of one tap, so their loads are coalesced. The block
-// walks its tile step_pixels (P) pixels at a time:
-//   1. threads < P store the step's pixels (coordinates and tensor offsets) in shared memory;
-//   2. every thread forms its pairs' products for the P pixels: it adds them to its ghost sums (registers,
-//      across the whole tile) and stores their ghost_mul-weighted channel sum per pixel in shared memory;
+// consecutive threads take consecutive channel vectors of one tap, so their loads are coalesced. The pixels
+// are taken in runs of kRunPixels neighbouring pixels of a row, as in the gathers: each row of the output
+// grid is cut into ceil(Wo / kRunPixels) runs, the last one short when kRunPixels does not divide Wo, and
+// tiles and steps count run slots (kRunPixels per run, some of them past the row's end). A pair's products
+// with the pixels of a run share the row's bounds check and their addresses. The block walks its tile
+// step_pixels (P, a multiple of kRunPixels) slots at a time:
+//   1. threads < P / kRunPixels store the step's runs (coordinates and tensor offsets) in shared memory;
+//   2. every thread forms its pairs' products for the step's pixels: it adds them to its ghost sums
+//      (registers, across the whole tile) and stores their ghost_mul-weighted channel sum per pixel in
+//      shared memory;
 //   3. threads sum those over the head's channel vectors in a fixed order and write the attention gradient.
 // At the end each thread writes its pairs' ghost sums as the tile's partial sums; ghost_reduce_item sums
 // the tiles in a fixed order. Nothing is atomic, so results are bit-identical from run to run.
@@ -416,8 +453,8 @@ struct AttnGhostArgs {
   Global<acc_of<T>> ghost_add_partials;
   // Work split.
   int tiles_per_image;
-  int tile_pixels;     // pixels per tile (the last one may have fewer)
-  int step_pixels;     // pixels per step
+  int tile_pixels;     // run slots per tile, a multiple of step_pixels (the last tile may have fewer)
+  int step_pixels;     // run slots per step, a multiple of kRunPixels
   int chunk_vectors;   // channel vectors per chunk
   int chunk_taps;      // taps per chunk
   int channel_chunks;  // chunks along the head's channel vectors; blockIdx.z = tap chunk * channel_chunks +
@@ -430,25 +467,61 @@ struct AttnGhostThread {
   bool live[kPairsPerThread];
   int c[kPairsPerThread], t[kPairsPerThread], dy[kPairsPerThread], dx[kPairsPerThread];
   int64_t x_off[kPairsPerThread];  // the tap's offset in x from its output pixel, plus the channel
+  // The pixels of a row whose tap lies inside the image have x coordinates j * stride + dx in [0, x_lim);
+  // x_lim = min(W, Wo * stride + dx) also stops a run at the row's last pixel.
+  int x_lim[kPairsPerThread];
   A mv[kPairsPerThread][V], sum_mul[kPairsPerThread][V], sum_add[kPairsPerThread][V];
 };
 
-// One output pixel of a step, as every pair needs it: computed once per step by one thread.
-struct StepPixel {
-  int64_t go, x, h;  // offsets of the pixel in grad_out and x (channel 0) and in h (the head's tap 0)
-  int ys, xs;        // i * stride and j * stride
-  int pix;           // i * Wo + j, or -1 past the tile's end
-  int pad;
+// One run of a step, as every pair needs it: computed once per step by one thread.
+struct StepRun {
+  int64_t go, x, h;  // offsets of the run's first pixel in grad_out and x (channel 0) and in h (the head's tap 0)
+  int ys, xs;        // i * stride and j * stride of that pixel
+  int pix;           // i * Wo + j
+  int count;         // the run's pixels: kRunPixels, fewer at the end of a row, 0 past the end of the tile
 };
 
-// Shared memory of one block: step_pixels StepPixels, then step_pixels * chunk_vectors * chunk_taps weighted sums.
+// Run slots per row of the output grid.
+ELSA_HD int attn_ghost_row_slots(const Geometry<int>& g) {
+  return (g.Wo + kRunPixels - 1) / kRunPixels * kRunPixels;
+}
+
+// Shared memory of one block: step_pixels / kRunPixels StepRuns, then step_pixels * chunk_vectors * chunk_taps
+// weighted sums.
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_sums(const AttnGhostArgs<T>& A) {
   return int64_t(A.step_pixels) * A.chunk_vectors * A.chunk_taps;
 }
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_bytes(const AttnGhostArgs<T>& A) {
-  return int64_t(A.step_pixels) * sizeof(StepPixel) + attn_ghost_shared_sums(A) * sizeof(acc_of<T>);
+  return int64_t(A.step_pixels / kRunPixels) * sizeof(StepRun) + attn_ghost_shared_sums(A) * sizeof(acc_of<T>);
+}
+
+// The products of one (channel vector, tap) pair of the thread with one output pixel: they are added to the
+// pair's ghost sums, and their ghost_mul-weighted channel sum is stored at `sum` for step 3. Compiled with
+// and without ghost_mul (kMv: its values weight the sum) and the gradient of ghost_mul (kGradMul: reads h);
+// without both, each channel's product is two FFMAs.
+template <typename T, int V, bool kMv, bool kGradMul>
+ELSA_HD void pair_products(acc_of<T> (&sum_mul)[V], acc_of<T> (&sum_add)[V], const acc_of<T> (&mv)[V],
+                           Global<const T> go, Global<const T> x, Global<const T> h, Shared<acc_of<T>> sum) {
+  using acc_t = acc_of<T>;
+  acc_t gv[V], xv[V], weighted = 0, w = 0;
+  load_vec<T, V>(go, gv);
+  load_vec<T, V>(x, xv);
+  if constexpr (kGradMul) w = static_cast<acc_t>(load(h));
+  ELSA_UNROLL
+  for (int e = 0; e < V; ++e) {
+    if constexpr (kMv || kGradMul) {
+      const acc_t prod = gv[e] * xv[e];
+      weighted = fused_multiply_add(prod, mv[e], weighted);
+      sum_add[e] += prod;
+      if constexpr (kGradMul) sum_mul[e] = fused_multiply_add(prod, w, sum_mul[e]);
+    } else {
+      weighted = fused_multiply_add(gv[e], xv[e], weighted);
+      sum_add[e] = fused_multiply_add(gv[e], xv[e], sum_add[e]);
+    }
+  }
+  store(sum, weighted);
 }
 
 template <typename T>
@@ -468,14 +541,14 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
   const int b = tile_index / A.tiles_per_image, tile = tile_index - b * A.tiles_per_image;
   const int tc = chunk / A.channel_chunks, cc = chunk - tc * A.channel_chunks;
   const int npairs = A.chunk_vectors * A.chunk_taps;
+  const int row_slots = attn_ghost_row_slots(g), plane = g.Ho * row_slots, step_runs = A.step_pixels / kRunPixels;
   const int pix0 = tile * A.tile_pixels;
-  const int pix1 = pix0 + A.tile_pixels < g.Ho * g.Wo ? pix0 + A.tile_pixels : g.Ho * g.Wo;
+  const int pix1 = pix0 + A.tile_pixels < plane ? pix0 + A.tile_pixels : plane;
   const int cv_in_group = A.channels_per_group / V;
   const int64_t shared_bytes = attn_ghost_shared_bytes(A);
-  const Shared<StepPixel> s_pix = shared_region<StepPixel>(blk.shared(), shared_bytes, 0, A.step_pixels, "step pixels");
-  const Shared<acc_t> s_sum =
-      shared_region<acc_t>(blk.shared(), shared_bytes, int64_t(A.step_pixels) * sizeof(StepPixel),
-                           attn_ghost_shared_sums(A), "weighted sums");
+  const Shared<StepRun> s_run = shared_region<StepRun>(blk.shared(), shared_bytes, 0, step_runs, "step runs");
+  const Shared<acc_t> s_sum = shared_region<acc_t>(blk.shared(), shared_bytes, int64_t(step_runs) * sizeof(StepRun),
+                                                   attn_ghost_shared_sums(A), "weighted sums");
   const bool need_attn = A.grad_attention != nullptr || A.grad_attention_partials != nullptr;
   const bool need_mul = A.ghost_mul_partials != nullptr, need_add = A.ghost_add_partials != nullptr;
 
@@ -492,6 +565,8 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
       th.dy[k] = (p - r) * g.dilation;
       th.dx[k] = (q - r) * g.dilation;
       th.x_off[k] = th.dy[k] * A.feature_strides.row + th.dx[k] * A.feature_strides.column + th.c[k];
+      const int x_end = g.Wo * g.stride + th.dx[k];
+      th.x_lim[k] = x_end < 0 ? 0 : x_end < g.W ? x_end : g.W;
       ELSA_UNROLL
       for (int e2 = 0; e2 < V; ++e2) {
         th.mv[k][e2] = 1;
@@ -505,59 +580,69 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
   blk.sync();
 
   for (int start = pix0; start < pix1; start += A.step_pixels) {
-    // 1. the step's pixels
+    // 1. the step's runs
     blk.threads([&](int tid, Thread&) {
-      if (tid < A.step_pixels) {
-        const int pix = start + tid;
-        StepPixel sp{};
-        sp.pix = -1;
-        if (pix < pix1) {
-          const int i = pix / g.Wo, j = pix - i * g.Wo;
-          sp.go = b * A.grad_out_strides.batch + i * A.grad_out_strides.row + j * A.grad_out_strides.column;
-          sp.ys = i * g.stride;
-          sp.xs = j * g.stride;
-          sp.x = b * A.feature_strides.batch + sp.ys * A.feature_strides.row + sp.xs * A.feature_strides.column;
-          sp.h = b * A.attention_strides.batch + i * A.attention_strides.row + j * A.attention_strides.column +
+      if (tid < step_runs) {
+        const int slot = start + tid * kRunPixels;
+        StepRun sr{};
+        if (slot < pix1) {
+          const int i = slot / row_slots, j = slot - i * row_slots;
+          sr.go = b * A.grad_out_strides.batch + i * A.grad_out_strides.row + j * A.grad_out_strides.column;
+          sr.ys = i * g.stride;
+          sr.xs = j * g.stride;
+          sr.x = b * A.feature_strides.batch + sr.ys * A.feature_strides.row + sr.xs * A.feature_strides.column;
+          sr.h = b * A.attention_strides.batch + i * A.attention_strides.row + j * A.attention_strides.column +
                  grp * A.attention_strides.group;
-          sp.pix = pix;
+          sr.pix = i * g.Wo + j;
+          sr.count = g.Wo - j < kRunPixels ? g.Wo - j : kRunPixels;
         }
-        store(s_pix + tid, sp);
+        store(s_run + tid, sr);
       }
     });
     blk.sync();
-    // 2. products of the threads' pairs (the loop twice: with and without grad ghost_mul, which also reads h)
-    auto products = [&]<bool kMul>(int tid, Thread& th) {
-      ELSA_UNROLL
-      for (int k = 0; k < kPairsPerThread; ++k) {
-        if (!th.live[k]) continue;
-        const int e = tid + k * kAttnThreads;
-        for (int n = 0; n < A.step_pixels; ++n) {
-          const StepPixel& sp = ref(s_pix + n);
-          const int y = sp.ys + th.dy[k], xx = sp.xs + th.dx[k];
-          acc_t weighted = 0;
-          if (sp.pix >= 0 && y >= 0 && y < g.H && xx >= 0 && xx < g.W) {
-            acc_t gv[V], xv[V];
-            load_vec<T, V>(A.grad_out + sp.go + th.c[k], gv);
-            load_vec<T, V>(A.features + sp.x + th.x_off[k], xv);
-            acc_t w = 0;
-            if constexpr (kMul) w = static_cast<acc_t>(load(A.attention + (sp.h + th.t[k])));
-            ELSA_UNROLL
-            for (int e2 = 0; e2 < V; ++e2) {
-              const acc_t prod = gv[e2] * xv[e2];
-              weighted += prod * th.mv[k][e2];
-              th.sum_add[k][e2] += prod;
-              if constexpr (kMul) th.sum_mul[k][e2] += prod * w;
+    // 2. products of the threads' pairs. Every slot's weighted sum is stored, 0 for a pixel whose tap falls
+    // outside the image or that lies past its row. A pair steps from a run's pixel to the next with 32-bit
+    // offsets (the launcher has checked that three steps fit).
+    auto products = [&]<bool kMv, bool kGradMul>(int tid, Thread& th) {
+      const int go_step = int(A.grad_out_strides.column), h_step = int(A.attention_strides.column);
+      const int x_step = int(g.stride * A.feature_strides.column);
+      // Runs outside, pairs inside: the two pairs share the run's loads from shared memory.
+      for (int q = 0; q < step_runs; ++q) {
+        const StepRun sr = ref(s_run + q);
+        if (sr.count == 0) break;  // past the tile's end, as are the runs after it
+        ELSA_UNROLL
+        for (int k = 0; k < kPairsPerThread; ++k) {
+          if (!th.live[k]) continue;
+          Shared<acc_t> sum = s_sum + (q * kRunPixels * npairs + tid + k * kAttnThreads);
+          Global<const T> go = A.grad_out + (sr.go + th.c[k]);
+          Global<const T> x = A.features + (sr.x + th.x_off[k]);
+          Global<const T> h = nullptr;
+          if constexpr (kGradMul) h = A.attention + (sr.h + th.t[k]);
+          const unsigned lim = unsigned(sr.ys + th.dy[k]) < unsigned(g.H) ? unsigned(th.x_lim[k]) : 0u;
+          int xx = sr.xs + th.dx[k];
+          ELSA_UNROLL
+          for (int u = 0; u < kRunPixels; ++u) {
+            if (unsigned(xx) < lim) {
+              pair_products<T, V, kMv, kGradMul>(th.sum_mul[k], th.sum_add[k], th.mv[k], go, x, h, sum);
+            } else {
+              store(sum, acc_t(0));
             }
+            go += go_step;
+            x += x_step;
+            if constexpr (kGradMul) h += h_step;
+            xx += g.stride;
+            sum += npairs;
           }
-          store(s_sum + (n * npairs + e), weighted);
         }
       }
     };
     blk.threads([&](int tid, Thread& th) {
       if (need_mul) {
-        products.template operator()<true>(tid, th);
+        products.template operator()<true, true>(tid, th);
+      } else if (A.ghost_mul) {
+        products.template operator()<true, false>(tid, th);
       } else {
-        products.template operator()<false>(tid, th);
+        products.template operator()<false, false>(tid, th);
       }
     });
     blk.sync();
@@ -565,8 +650,10 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
     if (need_attn) {
       blk.threads([&](int tid, Thread&) {
         for (int n = 0; n < A.step_pixels; ++n) {
-          const int pix = ref(s_pix + n).pix;
-          if (pix < 0) continue;
+          const StepRun& sr = ref(s_run + n / kRunPixels);
+          const int u = n % kRunPixels;
+          if (u >= sr.count) continue;
+          const int pix = sr.pix + u;
           const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + pix) * g.G + grp;
           for (int tl = tid; tl < A.chunk_taps; tl += kAttnThreads) {
             const int t = tc * A.chunk_taps + tl;

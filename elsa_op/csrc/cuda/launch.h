@@ -269,16 +269,21 @@ inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t 
   p.chunk_taps = std::min(kk, kMaxPairs / p.chunk_vectors);
   p.channel_chunks = cv / p.chunk_vectors;
   p.tap_chunks = (kk + p.chunk_taps - 1) / p.chunk_taps;
-  // Shared memory for the step's weighted sums: 32 KiB.
+  // Shared memory for the step's weighted sums: at most 32 KiB, for two runs of pixels (kMaxPairs pairs of
+  // 8-byte sums take 32 KiB at 8 run slots).
   p.step_pixels = int(std::clamp<int64_t>(32768 / (int64_t(p.chunk_vectors) * p.chunk_taps * acc_size), 1, 8));
-  // About 4096 blocks in all, each tile a multiple of P pixels. The split depends only on the shapes, so
+  p.step_pixels = std::max(p.step_pixels / kRunPixels, 1) * kRunPixels;
+  // About 4096 blocks in all, each tile a multiple of P run slots. The split depends only on the shapes, so
   // the reduction order, and with it every bit of the result, is the same on every run and GPU.
-  const int64_t plane = g.Ho * g.Wo, others = std::max<int64_t>(1, g.B * g.G * p.channel_chunks * p.tap_chunks);
+  const int64_t row_slots = (g.Wo + kRunPixels - 1) / kRunPixels * kRunPixels;
+  const int64_t plane = g.Ho * row_slots, others = std::max<int64_t>(1, g.B * g.G * p.channel_chunks * p.tap_chunks);
   const int64_t want =
       std::clamp<int64_t>((4096 + others - 1) / others, 1, (plane + p.step_pixels - 1) / p.step_pixels);
   const int64_t per_tile = ((plane + want - 1) / want + p.step_pixels - 1) / p.step_pixels * p.step_pixels;
   p.tile_pixels = int(per_tile);
   p.tiles_per_image = int((plane + per_tile - 1) / per_tile);
+  TORCH_CHECK(plane + per_tile < (int64_t(1) << 31), "elsa (CUDA): an output grid of ", g.Ho, "x", g.Wo,
+              " pixels needs pixel indices beyond 32 bits; use a smaller image or the CPU operator");
   return p;
 }
 
@@ -293,8 +298,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
                                                 stride, need_mul);
   check_int32(g);
   const auto acc = accumulation_type(features.scalar_type());
-  const auto go = as_channels_last(grad_out), x = as_channels_last(features);
-  const auto h = need_mul ? attn_taps_last(*h_attn) : at::Tensor();
+  auto go = as_channels_last(grad_out), x = as_channels_last(features);
+  auto h = need_mul ? attn_taps_last(*h_attn) : at::Tensor();
+  // The kernel steps along a run of pixels with 32-bit offsets: a view with wider column steps (a rare
+  // strided view) is copied to the compact layout, where the steps are C, stride * C and G * K * K.
+  const auto run_steps_fit = [&] {
+    constexpr int64_t lim = int64_t(1) << 31;
+    const int64_t run = kRunPixels - 1;
+    return run * go.stride(3) < lim && run * g.stride * x.stride(3) < lim && (!h.defined() || run * h.stride(4) < lim);
+  };
+  if (!run_steps_fit()) {
+    // Fresh tensors: .contiguous() would keep a view whose odd strides belong to dimensions of size 1.
+    const auto compact = [](const at::Tensor& t) {
+      return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(t);
+    };
+    go = compact(go);
+    x = compact(x);
+    if (h.defined()) {
+      const auto taps_last = h.permute({0, 3, 4, 1, 2});
+      h = at::empty(taps_last.sizes(), h.options()).copy_(taps_last).permute({0, 3, 4, 1, 2});
+    }
+    TORCH_CHECK(run_steps_fit(), "elsa (CUDA): a stride of ", g.stride, " over ", g.C,
+                " channels needs offsets beyond 32 bits; use the CPU operator");
+  }
   const auto empty = at::empty({0}, x.options());
   auto gh = need_attn ? at::empty({g.B, g.Ho, g.Wo, g.G, g.taps()}, x.options()) : empty;
   at::Tensor gm, ga;
