@@ -178,7 +178,10 @@ def test_plain_export_of_the_dense_backbone(tmp_path):
     from elsa_mm import ELSASwin
 
     torch.manual_seed(0)
-    backbone = ELSASwin(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), group_width=4).eval()
+    # Two stages (an ELSA one, then an attention one) hold every kind of layer the backbone has. Each further
+    # stage nests the symbolic sizes of its window padding deeper: the exporter's simplification of them
+    # took 11 minutes for four stages on a 2-core machine, 2 for these two.
+    backbone = ELSASwin(embed_dim=32, depths=(2, 2), num_heads=(1, 2), group_width=4, out_indices=(0, 1)).eval()
     x = torch.randn(2, 3, 64, 96)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = torch.onnx.export(backbone, (x,), dynamo=True, dynamic_shapes=(dims,))
@@ -189,7 +192,7 @@ def test_plain_export_of_the_dense_backbone(tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
         with torch.no_grad():
             want = backbone(x3)
-        assert len(got) == 4
+        assert len(got) == 2
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL)
 
