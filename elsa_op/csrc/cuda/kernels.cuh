@@ -12,8 +12,9 @@
 //   attention and its gradient              [B, Ho, Wo, G, K*K]: unit tap stride, any other strides
 //   ghost kernels                           [U, K*K, C] tables in the accumulation type (U = 1 or B), tap-major:
 //                                           the lanes of a warp read one tap's values from neighbouring bytes
-// Each thread owns V consecutive channels (one 16-byte vector) of one pixel or, in the gathers, of a run of
-// neighbouring pixels, so loads and stores along channels are vectorised and coalesced, and a pixel's
+// Each thread owns V consecutive channels (one 16-byte vector) for a run of neighbouring pixels of a row (in
+// the attention/ghost pass, for each of its (channel vector, tap) pairs), so that a run shares its bounds
+// checks and address work, loads and stores along channels are vectorised and coalesced, and a pixel's
 // attention weight for a tap is loaded once and shared by the thread's V channels (and, through one
 // broadcast transaction, by its warp's other lanes of the same head).
 #pragma once
@@ -87,7 +88,12 @@ ELSA_HD void load_vec(Global<const T> p, acc_of<T> (&out)[V]) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
     // A bfloat16 is the upper half of a float32. Read as 32-bit words, the low element is one shift away
     // and the high one a mask; converted one by one, the high element is first moved down, then up again.
+#ifdef __CUDA_ARCH__
     const Vec<uint32_t, V / 2> words = *reinterpret_cast<const Vec<uint32_t, V / 2>*>(raw(p));
+#else
+    Vec<uint32_t, V / 2> words;  // (the host compiler may assume that a uint32_t never aliases a bfloat16)
+    std::memcpy(&words, raw(p), sizeof words);
+#endif
     ELSA_UNROLL
     for (int e = 0; e < V / 2; ++e) {
       out[2 * e] = float_of_bits(words.v[e] << 16);
