@@ -612,7 +612,8 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
     blk.sync();
     // 2. products of the threads' pairs. Every slot's weighted sum is stored, 0 for a pixel whose tap falls
     // outside the image or that lies past its row. A pair steps from a run's pixel to the next with 32-bit
-    // offsets (the launcher has checked that three steps fit).
+    // offsets (the launcher has checked that a step fits) and unsigned x coordinates (exact below 2^32,
+    // where the steps past a row's last pixel may pass 2^31).
     auto products = [&]<bool kMv, bool kGradMul>(int tid, Thread& th) {
       const int go_step = int(A.grad_out_strides.column), h_step = int(A.attention_strides.column);
       const int x_step = int(g.stride * A.feature_strides.column);
@@ -629,10 +630,10 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
           Global<const T> h = nullptr;
           if constexpr (kGradMul) h = A.attention + (sr.h + th.t[k]);
           const unsigned lim = unsigned(sr.ys + th.dy[k]) < unsigned(g.H) ? unsigned(th.x_lim[k]) : 0u;
-          int xx = sr.xs + th.dx[k];
+          unsigned xx = unsigned(sr.xs + th.dx[k]);
           ELSA_UNROLL
           for (int u = 0; u < kRunPixels; ++u) {
-            if (unsigned(xx) < lim) {
+            if (xx < lim) {
               pair_products<T, V, kMv, kGradMul>(th.sum_mul[k], th.sum_add[k], th.mv[k], go, x, h, sum);
             } else {
               store(sum, acc_t(0));
@@ -640,7 +641,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
             go += go_step;
             x += x_step;
             if constexpr (kGradMul) h += h_step;
-            xx += g.stride;
+            xx += unsigned(g.stride);
             sum += npairs;
           }
         }

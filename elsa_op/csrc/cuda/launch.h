@@ -253,10 +253,10 @@ at::Tensor backward_features_impl(Runner& run, const at::Tensor& grad_out, const
 
 // How the attention/ghost pass splits its work (see attn_ghost_block).
 struct AttnGhostPlan {
-  int chunk_vectors, chunk_taps;   // channel vectors and taps per chunk of a head
-  int channel_chunks, tap_chunks;  // chunks along the head's channel vectors and taps
-  int step_pixels;                 // pixels per step
-  int tiles_per_image, tile_pixels;
+  int chunk_vectors, chunk_taps;     // channel vectors and taps per chunk of a head
+  int channel_chunks, tap_chunks;    // chunks along the head's channel vectors and taps
+  int step_pixels;                   // run slots per step
+  int tiles_per_image, tile_pixels;  // tiles of an image, run slots per tile
 };
 
 inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t acc_size) {
@@ -300,12 +300,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
   const auto acc = accumulation_type(features.scalar_type());
   auto go = as_channels_last(grad_out), x = as_channels_last(features);
   auto h = need_mul ? attn_taps_last(*h_attn) : at::Tensor();
-  // The kernel steps along a run of pixels with 32-bit offsets: a view with wider column steps (a rare
-  // strided view) is copied to the compact layout, where the steps are C, stride * C and G * K * K.
+  // The kernel steps from one pixel of a run to the next with 32-bit offsets: a view whose column step does
+  // not fit (a rare strided view) is copied to the compact layout, where the steps are C, stride * C (below
+  // W * C when there are two output columns) and G * K * K. With one output column no step reaches a pixel.
   const auto run_steps_fit = [&] {
     constexpr int64_t lim = int64_t(1) << 31;
-    const int64_t run = kRunPixels - 1;
-    return run * go.stride(3) < lim && run * g.stride * x.stride(3) < lim && (!h.defined() || run * h.stride(4) < lim);
+    return g.Wo == 1 || (go.stride(3) < lim && g.stride * x.stride(3) < lim && (!h.defined() || h.stride(4) < lim));
   };
   if (!run_steps_fit()) {
     // Fresh tensors: .contiguous() would keep a view whose odd strides belong to dimensions of size 1.
