@@ -491,8 +491,9 @@ struct StepRun {
   int count;         // the run's pixels: kRunPixels, fewer at the end of a row, 0 past the end of the tile
 };
 
-// Run slots per row of the output grid.
-ELSA_HD int attn_ghost_row_slots(const Geometry<int>& g) {
+// Run slots per row of the output grid (for the launcher's 64-bit geometry too).
+template <typename Index>
+ELSA_HD Index attn_ghost_row_slots(const Geometry<Index>& g) {
   return (g.Wo + kRunPixels - 1) / kRunPixels * kRunPixels;
 }
 

@@ -92,14 +92,25 @@ inline int full_vector(at::ScalarType type) {
   return 16 / static_cast<int>(c10::elementSize(type));
 }
 
+// Compact copies in the kernels' layouts: channels-last [B, H, W, C] memory, and the attention's
+// [B, Ho, Wo, G, K*K]. Fresh tensors, where .contiguous() would keep a view whose odd strides belong to
+// dimensions of size 1.
+inline at::Tensor compact_channels_last(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(t);
+}
+inline at::Tensor compact_taps_last(const at::Tensor& h) {
+  const auto taps_last = h.permute({0, 3, 4, 1, 2});
+  return at::empty(taps_last.sizes(), h.options()).copy_(taps_last).permute({0, 3, 4, 1, 2});
+}
+
 // Channels-last view of features or gradients: kept when channels are unit-stride, else copied once.
 inline at::Tensor as_channels_last(const at::Tensor& t) {
-  return t.size(1) == 1 || t.stride(1) == 1 ? t : t.contiguous(at::MemoryFormat::ChannelsLast);
+  return t.size(1) == 1 || t.stride(1) == 1 ? t : compact_channels_last(t);
 }
 
 // Attention with unit tap stride: kept when it has it ([B, Ho, Wo, G, K*K] memory), else copied once.
 inline at::Tensor attn_taps_last(const at::Tensor& h) {
-  return h.size(2) == 1 || h.stride(2) == 1 ? h : h.permute({0, 3, 4, 1, 2}).contiguous().permute({0, 3, 4, 1, 2});
+  return h.size(2) == 1 || h.stride(2) == 1 ? h : compact_taps_last(h);
 }
 
 inline PixelStrides strides_of(const at::Tensor& t) {
@@ -275,8 +286,8 @@ inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t 
   p.step_pixels = std::max(p.step_pixels / kRunPixels, 1) * kRunPixels;
   // About 4096 blocks in all, each tile a multiple of P run slots. The split depends only on the shapes, so
   // the reduction order, and with it every bit of the result, is the same on every run and GPU.
-  const int64_t row_slots = (g.Wo + kRunPixels - 1) / kRunPixels * kRunPixels;
-  const int64_t plane = g.Ho * row_slots, others = std::max<int64_t>(1, g.B * g.G * p.channel_chunks * p.tap_chunks);
+  const int64_t plane = g.Ho * attn_ghost_row_slots(g),
+                others = std::max<int64_t>(1, g.B * g.G * p.channel_chunks * p.tap_chunks);
   const int64_t want =
       std::clamp<int64_t>((4096 + others - 1) / others, 1, (plane + p.step_pixels - 1) / p.step_pixels);
   const int64_t per_tile = ((plane + want - 1) / want + p.step_pixels - 1) / p.step_pixels * p.step_pixels;
@@ -308,16 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
     return g.Wo == 1 || (go.stride(3) < lim && g.stride * x.stride(3) < lim && (!h.defined() || h.stride(4) < lim));
   };
   if (!run_steps_fit()) {
-    // Fresh tensors: .contiguous() would keep a view whose odd strides belong to dimensions of size 1.
-    const auto compact = [](const at::Tensor& t) {
-      return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(t);
-    };
-    go = compact(go);
-    x = compact(x);
-    if (h.defined()) {
-      const auto taps_last = h.permute({0, 3, 4, 1, 2});
-      h = at::empty(taps_last.sizes(), h.options()).copy_(taps_last).permute({0, 3, 4, 1, 2});
-    }
+    go = compact_channels_last(go);
+    x = compact_channels_last(x);
+    if (h.defined()) h = compact_taps_last(h);
     TORCH_CHECK(run_steps_fit(), "elsa (CUDA): a stride of ", g.stride, " over ", g.C,
                 " channels needs offsets beyond 32 bits; use the CPU operator");
   }
