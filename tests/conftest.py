@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """torch.compile's and AOTInductor's compiled code (and the tools' subprocesses', which inherit the
+    variable) go to the session's temporary folder, removed with it, not to a cache in /tmp that grows
+    with every run. A cache the caller chose is kept."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """tests/data: the original implementation's tensors and the published checkpoints' manifests."""

@@ -128,7 +128,7 @@ model = dict(backbone=dict(drop_path_rate=0.0), test_cfg=dict(rcnn=dict(score_th
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=2e-4))
 train_cfg = dict(max_epochs={epochs}, val_interval=100)
 param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=2))
 """
 
 
