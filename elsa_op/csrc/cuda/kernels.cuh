@@ -220,6 +220,71 @@ ELSA_HD void run_tap(acc_of<T> (&acc)[P][V], Global<const T> src, const int (&sr
   }
 }
 
+// Whether the gathers' inside-the-image paths may take shared_row: with K a compile-time constant up to 7, and
+// for 32-bit types or wider. Elsewhere the unrolled row would not fit the registers (it spills): a 16-bit
+// type's vector holds twice the channels, and a longer row hoists more loads. Those take run_tap.
+template <typename T, int KT>
+constexpr bool kSharedColumns = KT > 1 && KT <= 7 && sizeof(T) >= 4;
+
+// One window row for a run of P pixels whose taps step by whole pixels, so that neighbouring pixels share
+// vectors. Counting columns of the row from 0, pixel u's tap q reads column lo(q) + u, where lo(q) = q (the
+// forward with stride = dilation) or K - 1 - q (grad features with stride and dilation 1; kMirror). The row's
+// P * K taps then read P + K - 1 vectors, each loaded and converted once, where run_tap would load P * K.
+//   - `first` is pixel 0's vector at tap 0, and each pixel's is `step` from the last; each tap brings one
+//     fresh column, one step past the last one loaded.
+//   - The attention weight of pixel u's tap q is at h + q, with h = `h0` + u * `h_step` for the pixel (the
+//     forward), or for kMirror the same pointer for the pixel's column: output column lo(q) + u, whose
+//     weights start at h0 + (lo(q) + u - (K - 1)) * h_step.
+//   - m and a advance one tap (tap_stride) per tap: they end at the next row's taps.
+// Every address is one step from one before it, not a product carried through the loop: such products
+// would take registers across the whole row loop, where the unrolled row needs them. Taps go in order, so
+// each pixel's sum is formed in run_tap's order. K is a compile-time constant: the columns are registers.
+template <typename T, int K, int V, int P, bool kMul, bool kAdd, bool kMirror>
+ELSA_HD void shared_row(acc_of<T> (&acc)[P][V], Global<const T> first, int step, Global<const T> h0, int h_step,
+                        Global<const acc_of<T>>& m, Global<const acc_of<T>>& a, int tap_stride) {
+  using acc_t = acc_of<T>;
+  constexpr int N = P + K - 1;
+  acc_t v[N][V];
+  Global<const T> h[N];  // the weights' pointer of each pixel (forward) or column (kMirror)
+  Global<const T> edge = first, h_edge = h0;
+  ELSA_UNROLL
+  for (int q = 0; q < K; ++q) {
+    const int lo = kMirror ? K - 1 - q : q;
+    if (q == 0) {
+      ELSA_UNROLL
+      for (int u = 0; u < P; ++u) {
+        if (u > 0) {
+          edge += step;
+          h_edge += h_step;
+        }
+        load_vec<T, V>(edge, v[lo + u]);
+        h[kMirror ? lo + u : u] = h_edge;
+      }
+      if constexpr (kMirror) {
+        edge = first;
+        h_edge = h0;
+      }
+    } else if constexpr (kMirror) {
+      edge -= step;
+      h_edge -= h_step;
+      load_vec<T, V>(edge, v[lo]);
+      h[lo] = h_edge;
+    } else {
+      edge += step;
+      load_vec<T, V>(edge, v[lo + P - 1]);
+    }
+    acc_t mv[V], av[V];
+    load_ghosts<kMul, kAdd>(m, a, 0, mv, av);
+    if constexpr (kMul) m += tap_stride;
+    if constexpr (kAdd) a += tap_stride;
+    ELSA_UNROLL
+    for (int u = 0; u < P; ++u) {
+      const acc_t w = static_cast<acc_t>(load(h[kMirror ? lo + u : u] + q));
+      weighted_accumulate<kMul, kAdd>(acc[u], v[lo + u], w, mv, av);
+    }
+  }
+}
+
 // One tap of one pixel, loading everything it needs (the border paths).
 template <typename T, int V, bool kMul, bool kAdd>
 ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, Global<const acc_of<T>> m,
@@ -273,16 +338,27 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     Global<const T> xrow = xb + y0 * A.source_strides.row + x0 * A.source_strides.column, hrow = hp;
     const int dx = g.dilation * int(A.source_strides.column);
     const int64_t dy = int64_t(g.dilation) * A.source_strides.row, ghost_row = int64_t(K) * g.C;
-    ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p, xrow += dy, hrow += K) {
-      // Two taps per trip: fewer loop steps and address bases. (Unrolled whole, the run's loads of a row would
-      // be hoisted into spilled registers.)
-      ELSA_UNROLL_TWICE
-      for (int q = 0; q < K; ++q) {
-        run_tap<T, V, P, kMul, kAdd>(acc, xrow + q * dx, xo, hrow + q, ho, mp, ap, q * g.C);
+    bool shared = false;
+    if constexpr (kSharedColumns<T, KT>) shared = g.stride == g.dilation;
+    if (shared) {
+      // Pixel u's tap q reads column q + u (in steps of dx): the pixels share their vectors.
+      const int hcol = int(A.attention_strides.column);
+      ELSA_NO_UNROLL
+      for (int p = 0; p < K; ++p, xrow += dy, hrow += K) {
+        shared_row<T, (KT > 1 ? KT : 2), V, P, kMul, kAdd, false>(acc, xrow, dx, hrow, hcol, mp, ap, g.C);
       }
-      if constexpr (kMul) mp += ghost_row;
-      if constexpr (kAdd) ap += ghost_row;
+    } else {
+      ELSA_NO_UNROLL
+      for (int p = 0; p < K; ++p, xrow += dy, hrow += K) {
+        // Two taps per trip: fewer loop steps and address bases. (Unrolled whole, the run's loads of a row
+        // would be hoisted into spilled registers.)
+        ELSA_UNROLL_TWICE
+        for (int q = 0; q < K; ++q) {
+          run_tap<T, V, P, kMul, kAdd>(acc, xrow + q * dx, xo, hrow + q, ho, mp, ap, q * g.C);
+        }
+        if constexpr (kMul) mp += ghost_row;
+        if constexpr (kAdd) ap += ghost_row;
+      }
     }
     ELSA_UNROLL
     for (int u = 0; u < P; ++u) store_vec<T, V>(out + u * A.destination_strides.column, acc[u]);
@@ -360,16 +436,28 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
               h_dx = 1 - g.dilation * int(A.attention_strides.column);
     const int64_t go_dy = int64_t(g.dilation) * A.source_strides.row,
                   h_dy = K - int64_t(g.dilation) * A.attention_strides.row, ghost_row = int64_t(K) * g.C;
-    ELSA_NO_UNROLL
-    for (int p = 0; p < K; ++p, gorow -= go_dy, hrow += h_dy) {
-      // Two taps per trip: fewer loop steps and address bases. (Unrolled whole, the run's loads of a row would
-      // be hoisted into spilled registers.)
-      ELSA_UNROLL_TWICE
-      for (int q = 0; q < K; ++q) {
-        run_tap<T, V, P, kMul, kAdd>(acc, gorow - q * go_dx, go, hrow + q * h_dx, ho, mp, ap, q * g.C);
+    bool shared = false;
+    if constexpr (kSharedColumns<T, KT>) shared = g.dilation == 1;
+    if (shared) {
+      // Input pixel u's tap q reads output column u - q: counted from column -(K - 1), u + K - 1 - q, and
+      // the pixels share their vectors. Its attention weight is at that output pixel's tap q.
+      const int gcol = int(A.source_strides.column), hcol = int(A.attention_strides.column);
+      ELSA_NO_UNROLL
+      for (int p = 0; p < K; ++p, gorow -= go_dy, hrow += h_dy) {
+        shared_row<T, (KT > 1 ? KT : 2), V, P, kMul, kAdd, true>(acc, gorow, gcol, hrow, hcol, mp, ap, g.C);
       }
-      if constexpr (kMul) mp += ghost_row;
-      if constexpr (kAdd) ap += ghost_row;
+    } else {
+      ELSA_NO_UNROLL
+      for (int p = 0; p < K; ++p, gorow -= go_dy, hrow += h_dy) {
+        // Two taps per trip: fewer loop steps and address bases. (Unrolled whole, the run's loads of a row
+        // would be hoisted into spilled registers.)
+        ELSA_UNROLL_TWICE
+        for (int q = 0; q < K; ++q) {
+          run_tap<T, V, P, kMul, kAdd>(acc, gorow - q * go_dx, go, hrow + q * h_dx, ho, mp, ap, q * g.C);
+        }
+        if constexpr (kMul) mp += ghost_row;
+        if constexpr (kAdd) ap += ghost_row;
+      }
     }
     ELSA_UNROLL
     for (int u = 0; u < P; ++u) store_vec<T, V>(out + u * A.destination_strides.column, acc[u]);
