@@ -5,6 +5,7 @@ advises against importing conftest, which it loads in its own way."""
 import errno
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,22 @@ def inductor_cache(tmp_path_factory):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
     yield
     del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_visualizers():
+    """mmdet's and mmseg's configs name their visualizer "visualizer", and mmengine hands an existing instance of
+    that name to the next Runner of the process, with the folder of the run that made it. A tool that a test
+    runs in-process would then write into an earlier test's folder, removed when that test passed."""
+    yield
+    if "mmengine" in sys.modules:
+        from mmengine.visualization import Visualizer
+
+        pending = [Visualizer]
+        while pending:
+            cls = pending.pop()
+            cls._instance_dict.clear()
+            pending += cls.__subclasses__()
 
 
 @pytest.fixture(scope="session")
