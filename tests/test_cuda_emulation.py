@@ -121,13 +121,14 @@ def test_emulated_one_ghost_kernel(emu, only, dtype):
     assert f"forward<{K},{full}>" in ran and f"features<{K},{full}>" in ran
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(1, 16, 12, 20, 2, 5, 2, 2), (1, 16, 9, 27, 2, 3, 3, 3)], ids=geometry_id)
-def test_emulated_forward_sharing_columns_with_stride(emu, case):
+def test_emulated_forward_sharing_columns_with_stride(emu, case, dtype):
     """With stride = dilation > 1, a run's pixels in the forward still share their windows' columns, each a
-    stride apart: float32 takes that path in the runs whose windows are inside the image (the geometries
-    leave one such run per output row)."""
-    ran = _check(emu, *case, torch.float32, "broadcast", "channels_last", subsets=[(True, True, True)])
-    assert f"forward<{case[5]},4>" in ran
+    stride apart: the runs whose windows are inside the image take that path (the geometries leave one such
+    run per output row)."""
+    ran = _check(emu, *case, dtype, "broadcast", "channels_last", subsets=[(True, True, True)])
+    assert f"forward<{case[5]},{16 // dtype.itemsize}>" in ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -220,11 +220,15 @@ ELSA_HD void run_tap(acc_of<T> (&acc)[P][V], Global<const T> src, const int (&sr
   }
 }
 
-// Whether the gathers' inside-the-image paths may take shared_row: with K a compile-time constant up to 7, and
-// for 32-bit types or wider. Elsewhere the unrolled row would not fit the registers (it spills): a 16-bit
-// type's vector holds twice the channels, and a longer row hoists more loads. Those take run_tap.
-template <typename T, int KT>
-constexpr bool kSharedColumns = KT > 1 && KT <= 7 && sizeof(T) >= 4;
+// Whether the gathers' inside-the-image paths may take shared_row: with K a compile-time constant up to 7 (a
+// longer unrolled row hoists more loads than the registers hold, and spills), else they take run_tap.
+template <int KT>
+constexpr bool kSharedColumns = KT > 1 && KT <= 7;
+
+// How many of a run's pixels share columns at a time: all 4 for 32-bit types and wider; 2 for 16-bit ones
+// (shared_parts), whose vectors hold twice the channels, so that their columns and sums fit the registers.
+template <typename T>
+constexpr int kSharedPixels = sizeof(T) >= 4 ? kRunPixels : kRunPixels / 2;
 
 // One window row for a run of P pixels whose taps step by whole pixels, so that neighbouring pixels share
 // vectors. Counting columns of the row from 0, pixel u's tap q reads column lo(q) + u, where lo(q) = q (the
@@ -285,6 +289,34 @@ ELSA_HD void shared_row(acc_of<T> (&acc)[P][V], Global<const T> first, int step,
   }
 }
 
+// The run's P pixels S at a time (S < P), each part through the K window rows with shared_row and stored
+// when summed, so that only one part's sums take registers. `first`, `step`, `h0` and `h_step` are
+// shared_row's for the run's pixel 0 in the first window row, `row_step` and `h_row_step` go from one window
+// row to the next, m and a are the first row's ghost tables, and `store(u, sums)` stores pixel u.
+template <typename T, int K, int V, int P, int S, bool kMul, bool kAdd, bool kMirror, class Store>
+ELSA_HD void shared_parts(Global<const T> first, int step, int64_t row_step, Global<const T> h0, int h_step,
+                          int64_t h_row_step, Global<const acc_of<T>> m, Global<const acc_of<T>> a, int tap_stride,
+                          const Store& store) {
+  using acc_t = acc_of<T>;
+  ELSA_NO_UNROLL
+  for (int u0 = 0; u0 < P; u0 += S) {
+    acc_t acc[S][V];
+    ELSA_UNROLL
+    for (int u = 0; u < S; ++u) {
+      ELSA_UNROLL
+      for (int e = 0; e < V; ++e) acc[u][e] = 0;
+    }
+    Global<const T> src = first + u0 * step, h = h0 + u0 * h_step;
+    Global<const acc_t> mr = m, ar = a;
+    ELSA_NO_UNROLL
+    for (int p = 0; p < K; ++p, src += row_step, h += h_row_step) {
+      shared_row<T, K, V, S, kMul, kAdd, kMirror>(acc, src, step, h, h_step, mr, ar, tap_stride);
+    }
+    ELSA_UNROLL
+    for (int u = 0; u < S; ++u) store(u0 + u, acc[u]);
+  }
+}
+
 // One tap of one pixel, loading everything it needs (the border paths).
 template <typename T, int V, bool kMul, bool kAdd>
 ELSA_HD void weighted_tap(acc_of<T> (&acc)[V], Global<const T> v, acc_of<T> w, Global<const acc_of<T>> m,
@@ -339,7 +371,15 @@ ELSA_HD void forward_item(const GatherArgs<T>& A, int row, int item) {
     const int dx = g.dilation * int(A.source_strides.column);
     const int64_t dy = int64_t(g.dilation) * A.source_strides.row, ghost_row = int64_t(K) * g.C;
     bool shared = false;
-    if constexpr (kSharedColumns<T, KT>) shared = g.stride == g.dilation;
+    if constexpr (kSharedColumns<KT>) shared = g.stride == g.dilation;
+    if constexpr (kSharedPixels<T> < P) {
+      if (shared) {
+        shared_parts<T, (KT > 1 ? KT : 2), V, P, kSharedPixels<T>, kMul, kAdd, false>(
+            xrow, dx, dy, hrow, int(A.attention_strides.column), K, mp, ap, g.C,
+            [&](int u, const acc_t(&sums)[V]) { store_vec<T, V>(out + u * A.destination_strides.column, sums); });
+        return;
+      }
+    }
     if (shared) {
       // Pixel u's tap q reads column q + u (in steps of dx): the pixels share their vectors.
       const int hcol = int(A.attention_strides.column);
@@ -437,7 +477,15 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
     const int64_t go_dy = int64_t(g.dilation) * A.source_strides.row,
                   h_dy = K - int64_t(g.dilation) * A.attention_strides.row, ghost_row = int64_t(K) * g.C;
     bool shared = false;
-    if constexpr (kSharedColumns<T, KT>) shared = g.dilation == 1;
+    if constexpr (kSharedColumns<KT>) shared = g.dilation == 1;
+    if constexpr (kSharedPixels<T> < P) {
+      if (shared) {
+        shared_parts<T, (KT > 1 ? KT : 2), V, P, kSharedPixels<T>, kMul, kAdd, true>(
+            gorow, int(A.source_strides.column), -go_dy, hrow, int(A.attention_strides.column), h_dy, mp, ap, g.C,
+            [&](int u, const acc_t(&sums)[V]) { store_vec<T, V>(out + u * A.destination_strides.column, sums); });
+        return;
+      }
+    }
     if (shared) {
       // Input pixel u's tap q reads output column u - q: counted from column -(K - 1), u + K - 1 - q, and
       // the pixels share their vectors. Its attention weight is at that output pixel's tap q.
