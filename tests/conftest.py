@@ -36,12 +36,10 @@ def inductor_cache(tmp_path_factory):
     """torch.compile's and AOTInductor's compiled code (and the tools' subprocesses', which inherit the
     variable) go to the session's temporary folder, removed with it, not to a cache in /tmp that grows
     with every run. A cache the caller chose is kept."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+    with pytest.MonkeyPatch.context() as patch:
+        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
         yield
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
-    yield
-    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 @pytest.fixture(autouse=True)
