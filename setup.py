@@ -3,11 +3,13 @@
     pip install --no-build-isolation -e .        # or .[mm] for det/ and seg/
     python setup.py build_ext --inplace          # rebuild only the library, incrementally
 
-The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for
-sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise. DEBUG=1 builds with -O0 -g.
+The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for the archs
+of elsa_op/_archs.py's `arch_list`: TORCH_CUDA_ARCH_LIST when set; else the GPUs of this machine; else, with
+no GPU, every arch the installed torch ships plus PTX for the newest. DEBUG=1 builds with -O0 -g.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -36,6 +38,12 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("elsa_op") / "csrc"
 
+# The arch policy, read from its file: importing the elsa_op package would need the library being built.
+_spec = importlib.util.spec_from_file_location("_elsa_archs", ROOT / "elsa_op" / "_archs.py")
+assert _spec is not None and _spec.loader is not None
+archs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(archs)
+
 
 def _cuda_include_dirs() -> list[str]:
     """Headers that torch's CUDA headers include but a toolkit-only nvcc install may lack.
@@ -49,8 +57,6 @@ def _cuda_include_dirs() -> list[str]:
 def _extension():
     debug = os.getenv("DEBUG", "0") == "1"
     use_cuda = os.getenv("FORCE_CUDA", "0") == "1" or CUDA_HOME is not None
-    if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = [str(CSRC / "elsa.cpp")] + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fdiagnostics-color=always"]
@@ -73,4 +79,28 @@ def _extension():
     return CUDAExtension("elsa_op._C", sources, **kwargs)
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
+class _BuildExtension(BuildExtension):
+    """torch's builder, with the CUDA archs of the policy."""
+
+    def build_extensions(self) -> None:
+        for ext in self.extensions:
+            # Recorded as "sm_80/compute_90": nvcc splits the value of an option at commas.
+            if "nvcc" in ext.extra_compile_args:
+                ext.extra_compile_args["nvcc"] += [f'-DELSA_CUDA_ARCHS=\\"{"/".join(_cuda_archs())}\\"']
+        super().build_extensions()
+
+
+def _cuda_archs() -> list[str]:
+    """Sets TORCH_CUDA_ARCH_LIST by the policy and returns the archs nvcc builds, which the library records."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    chosen = archs.arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus, torch._C._cuda_getArchFlags().split())
+    if chosen is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = chosen
+    built = archs.built_archs(_get_cuda_arch_flags())
+    print(f"elsa_op._C: CUDA code for {', '.join(built)}", file=sys.stderr)
+    return built
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": _BuildExtension})

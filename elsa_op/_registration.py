@@ -1,6 +1,7 @@
 """What ``torch.library`` needs besides the compiled kernels: the fake (meta) kernels of the three
 ``elsa_op`` operators, for tracing, ``torch.compile`` and ``torch.export``, and the autograd formula of
-``elsa_op::elsa_forward``, whose backward is itself made of the two registered backward operators.
+``elsa_op::elsa_forward``, whose backward is itself made of the two registered backward operators, and
+``elsa_op::check_cuda_arch``, which the CUDA kernels call once per GPU before their first launch there.
 
 Importing this module registers them; ``elsa_op/__init__.py`` does so once, right after loading ``_C``.
 Users call the operator through :func:`elsa_op.elsa_function`.
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import SymInt, Tensor
 
+from ._archs import cuda_arch_error
 from .checks import ghost_accumulation_dtype
 
 _ops = torch.ops.elsa_op
@@ -152,3 +154,26 @@ def _no_double_backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
 # instead of autograd's not-implemented fallback, which warns and gives missing second-order gradients.
 for _op in ("elsa_backward_features", "elsa_backward_attn_ghost"):
     torch.library.register_autograd(f"elsa_op::{_op}", _no_double_backward)
+
+
+_lib = torch.library.Library("elsa_op", "FRAGMENT")
+_lib.define("check_cuda_arch(int device) -> ()")
+
+
+def built_cuda_archs() -> list[str]:
+    """The archs ``elsa_op._C`` has CUDA code for (``sm_80``: SASS, ``compute_90``: PTX); none without CUDA."""
+    recorded = torch.ops.elsa_op.cuda_archs() if hasattr(torch.ops.elsa_op, "cuda_archs") else ""
+    return [a for a in recorded.split("/") if a]
+
+
+def _check_cuda_arch(device: int) -> None:
+    error = cuda_arch_error(
+        built_cuda_archs(),
+        torch.cuda.get_device_capability(device),
+        torch.cuda.get_device_name(device),
+    )
+    if error is not None:
+        raise RuntimeError(error)
+
+
+_lib.impl("check_cuda_arch", _check_cuda_arch, "CompositeExplicitAutograd")

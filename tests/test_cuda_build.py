@@ -1,8 +1,11 @@
-"""The compiled CUDA kernels, read from the built library (no GPU needed): every kernel of
-elsa_op/csrc/cuda has code for sm_80 and sm_90, and none spills registers to local memory."""
+"""The compiled CUDA kernels, read from the built library (no GPU needed): it has code for the archs of the
+build's policy and records them, every kernel of elsa_op/csrc/cuda has code for sm_80 and sm_90, and none
+spills registers to local memory."""
 
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,16 +36,49 @@ def cuobjdump() -> str:
     return found
 
 
-@pytest.mark.skipif(
+needs_cuda_build = pytest.mark.skipif(
     not torch._C._dispatch_has_kernel_for_dispatch_key("elsa_op::elsa_forward", "CUDA"),
     reason="elsa_op._C was built without CUDA kernels",
 )
-def test_every_cuda_kernel_has_sm80_and_sm90_code_and_no_spills():
-    import subprocess
 
-    library = next(Path(elsa_op.__file__).parent.glob("_C*.so"))
+
+def library() -> Path:
+    return next(Path(elsa_op.__file__).parent.glob("_C*.so"))
+
+
+@needs_cuda_build
+def test_the_library_has_the_archs_of_the_policy_and_records_them(monkeypatch):
+    """cuobjdump's lists of SASS (ELF) and PTX in the library, against the archs that setup.py's policy picks
+    in this environment (the tests run where the library was built, e.g. CI's TORCH_CUDA_ARCH_LIST) and
+    against the list the library records for its run-time check."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    from elsa_op._archs import arch_list, built_archs
+    from elsa_op._registration import built_cuda_archs
+
+    found = set()
+    for kind, prefix in (("elf", "sm"), ("ptx", "compute")):
+        out = subprocess.run(
+            [cuobjdump(), f"--list-{kind}", str(library())], capture_output=True, text=True, check=True
+        ).stdout
+        found |= {
+            f"{prefix}_{arch}" for arch in re.findall(rf"\.sm_(\d+[af]?)\.{'cubin' if kind == 'elf' else 'ptx'}", out)
+        }
+    gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    chosen = arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus, torch._C._cuda_getArchFlags().split())
+    if chosen is not None:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", chosen)
+    policy = set(built_archs(_get_cuda_arch_flags()))
+    assert found == policy, f"the library has {sorted(found)}, the policy builds {sorted(policy)} here"
+    assert set(built_cuda_archs()) == found
+    assert any(a.startswith("compute_") for a in found), "no PTX: no newer GPU could run the library"
+
+
+@needs_cuda_build
+def test_every_cuda_kernel_has_sm80_and_sm90_code_and_no_spills():
+    library_path = library()
     dump = subprocess.run(
-        [cuobjdump(), "--dump-resource-usage", str(library)], capture_output=True, text=True, check=True
+        [cuobjdump(), "--dump-resource-usage", str(library_path)], capture_output=True, text=True, check=True
     ).stdout
     kernels = set()
     for source in (REPO / "elsa_op" / "csrc" / "cuda").glob("*.cu"):

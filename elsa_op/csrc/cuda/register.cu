@@ -1,16 +1,39 @@
 // CUDA kernels of the ELSA operator: thin __global__ wrappers around the bodies of kernels.cuh, launched
 // by the host code of launch.h (shared with the CPU emulation of the tests).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <string>
 
 #include "../elsa_common.h"
 #include "kernels.cuh"
 #include "launch.h"
 
+// The archs this library has code for, separated by '/' (sm_80: SASS, compute_90: PTX); setup.py defines it.
+#ifndef ELSA_CUDA_ARCHS
+#define ELSA_CUDA_ARCHS ""
+#endif
+
 namespace elsa_op::gpu {
 namespace {
+
+// Before the first launch on a device: elsa_op::check_cuda_arch (registered by elsa_op/_registration.py)
+// raises a one-line error if none of ELSA_CUDA_ARCHS runs there, instead of CUDA's "no kernel image is
+// available". A program without Python, where it is not registered, goes without the check.
+void check_arch_once(const c10::Device& device) {
+  static std::array<std::atomic<bool>, C10_COMPILE_TIME_MAX_GPUS> checked{};
+  auto& done = checked.at(device.index());
+  if (done.load(std::memory_order_acquire)) return;
+  if (const auto op = c10::Dispatcher::singleton().findSchema({"elsa_op::check_cuda_arch", ""})) {
+    op->typed<void(int64_t)>().call(device.index());
+  }
+  done.store(true, std::memory_order_release);
+}
 
 // Rows (b, row of the grid written) go over gridDim.y, strided; the items of a row over x.
 template <typename T, int KT, int V, bool kGradFeatures, bool kMul, bool kAdd>
@@ -92,6 +115,7 @@ at::Tensor forward_cuda(const at::Tensor& features, const at::Tensor& h_attn,
                         const std::optional<at::Tensor>& ghost_mul, const std::optional<at::Tensor>& ghost_add,
                         int64_t kernel_size, int64_t dilation, int64_t stride) {
   const c10::cuda::CUDAGuard guard(features.device());
+  check_arch_once(features.device());
   CudaRunner run;
   return forward_impl(run, features, h_attn, ghost_mul, ghost_add, kernel_size, dilation, stride);
 }
@@ -101,6 +125,7 @@ at::Tensor backward_features_cuda(const at::Tensor& grad_out, const at::Tensor& 
                                   const std::optional<at::Tensor>& ghost_add, int64_t height, int64_t width,
                                   int64_t kernel_size, int64_t dilation, int64_t stride) {
   const c10::cuda::CUDAGuard guard(grad_out.device());
+  check_arch_once(grad_out.device());
   CudaRunner run;
   return backward_features_impl(run, grad_out, h_attn, ghost_mul, ghost_add, height, width, kernel_size, dilation,
                                 stride);
@@ -111,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_cuda(
     const std::optional<at::Tensor>& ghost_mul, int64_t groups, int64_t kernel_size, int64_t dilation, int64_t stride,
     bool need_attn, bool need_mul, bool need_add, bool mul_batched, bool add_batched) {
   const c10::cuda::CUDAGuard guard(features.device());
+  check_arch_once(features.device());
   CudaRunner run;
   return backward_attn_ghost_impl(run, grad_out, features, h_attn, ghost_mul, groups, kernel_size, dilation, stride,
                                   need_attn, need_mul, need_add, mul_batched, add_batched);
@@ -118,6 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_cuda(
 
 }  // namespace
 }  // namespace elsa_op::gpu
+
+TORCH_LIBRARY_FRAGMENT(elsa_op, m) {
+  m.def("cuda_archs() -> str", [] { return std::string(ELSA_CUDA_ARCHS); });
+}
 
 TORCH_LIBRARY_IMPL(elsa_op, CUDA, m) {
   m.impl("elsa_forward", &elsa_op::gpu::forward_cuda);
