@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -48,9 +47,9 @@ _spec.loader.exec_module(archs)
 def _cuda_include_dirs() -> list[str]:
     """Headers that torch's CUDA headers include but a toolkit-only nvcc install may lack.
 
-    PyPI's torch ships them inside its nvidia-* wheels (nvidia/cu13/include for CUDA 13).
+    PyPI's torch ships them inside its nvidia-* wheels (nvidia/cu13/include for CUDA 13), installed beside it.
     """
-    site = Path(sysconfig.get_paths()["purelib"])
+    site = Path(torch.__file__).resolve().parent.parent
     return sorted(str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir())
 
 
