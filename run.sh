@@ -35,9 +35,11 @@ setup() {
     echo "$want" > "$VENV/.requirements.sha256"
   fi
   # The project itself, installed editable (every package: elsa_op, elsa_swin, elsa_cls, elsa_mm), again
-  # only when its metadata changes; then elsa_op._C is rebuilt in place, incrementally: only sources
-  # newer than the built library are compiled again.
-  want=$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
+  # only when its metadata or the build's settings change. It compiles elsa_op._C into build/ and places it
+  # in elsa_op/; then `build_ext --inplace` rebuilds it only when a source is newer than the library,
+  # compiling only what changed, from the same objects (setup.py keeps them in build/ for every route).
+  want=$(cat pyproject.toml setup.py elsa_op/_archs.py <(echo "${FORCE_CUDA-} ${TORCH_CUDA_ARCH_LIST-} ${DEBUG-}") |
+    sha256sum | cut -d' ' -f1)
   have=$(cat "$VENV/.project.sha256" 2>/dev/null || true)
   if [ "$want" != "$have" ]; then
     log "installing the project (pip install -e .[mm]; compiles elsa_op._C, several minutes the first time)"

@@ -6,8 +6,12 @@
 The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for the archs
 of elsa_op/_archs.py's `arch_list`: TORCH_CUDA_ARCH_LIST when set; else the GPUs of this machine; else, with
 no GPU, every arch the installed torch ships plus PTX for the newest. DEBUG=1 builds with -O0 -g.
+
+Every route (`pip install -e .`, `build_ext --inplace`, a wheel) compiles into the same build/ folder, so
+each reuses the others' objects: only sources changed since are compiled again.
 """
 
+import filecmp
 import glob
 import importlib.util
 import os
@@ -79,9 +83,26 @@ def _extension():
 
 
 class _BuildExtension(BuildExtension):
-    """torch's builder, with the CUDA archs of the policy."""
+    """torch's builder, with one object folder for every route and the CUDA archs of the policy."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        # pip's editable and wheel builds would compile in a fresh temporary folder each time.
+        self.build_temp = str(ROOT / "build" / f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+    def copy_file(self, infile, outfile, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Into the source tree (`--inplace`): only a library that changed, by renaming a copy, so that a
+        process that has the old one loaded keeps it intact."""
+        if os.path.exists(outfile) and filecmp.cmp(infile, outfile, shallow=False):
+            return outfile, False
+        super().copy_file(infile, f"{outfile}.tmp", *args, **kwargs)
+        os.replace(f"{outfile}.tmp", outfile)
+        return outfile, True
 
     def build_extensions(self) -> None:
+        # torch forces every build, so that ninja decides what to compile; the link is left to the
+        # compiler's own rule: only when an object is newer than the library.
+        self.compiler.force = False
         for ext in self.extensions:
             # Recorded as "sm_80/compute_90": nvcc splits the value of an option at commas.
             if "nvcc" in ext.extra_compile_args:

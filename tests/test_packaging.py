@@ -64,3 +64,19 @@ def test_no_hand_made_import_paths():
             if needle in text and (path.relative_to(REPO).as_posix(), needle) not in exempt:
                 hits.append(f"{path.relative_to(REPO)}: {needle}")
     assert hits == []
+
+
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (REPO / ".venv").resolve(), reason="runs where `bash run.sh` set up .venv/"
+)
+def test_a_second_setup_compiles_nothing():
+    """`bash run.sh setup` again, in the environment that built the library (CI's, or a user's `bash run.sh
+    test`): no object of build/ and not the library is written again, and it takes seconds."""
+    built = sorted(REPO.glob("build/temp.*/**/*.o")) + sorted((REPO / "elsa_op").glob("_C*.so"))
+    assert built, "no objects in build/: the library was not built by setup.py in this tree"
+    before = {p: p.stat().st_mtime_ns for p in built}
+    r = subprocess.run(["bash", "run.sh", "setup"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in built} == before, "a second setup compiled or linked again"
+    log = (REPO / ".venv" / "build_ext.log").read_text()
+    assert "c++ " not in log and "nvcc " not in log, log
