@@ -4,7 +4,22 @@ Needs torch only: ``elsa_function`` (the operator), ``elsa_reference`` (its pure
 and ``ELSAAttention`` (the layer). The ELSA-Swin models are in the ``elsa_swin`` package.
 """
 
-import torch  # noqa: F401  (loads the libtorch libraries that _C links against)
+from importlib import metadata
+from pathlib import Path
+
+import torch  # (also loads the libtorch libraries that _C links against)
+
+from ._archs import torch_mismatch
+
+# An installed wheel (no C++ sources beside it) holds a library built against one torch minor, which its
+# requirements pin: another torch gets one line instead of a crash or an undefined symbol.
+if not (Path(__file__).parent / "csrc").is_dir():
+    try:
+        _mismatch = torch_mismatch(metadata.requires("elsa-vision") or [], torch.__version__)
+    except metadata.PackageNotFoundError:
+        _mismatch = None
+    if _mismatch is not None:
+        raise ImportError(_mismatch)
 
 try:
     from . import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the elsa_op::* operators)

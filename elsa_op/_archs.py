@@ -92,3 +92,18 @@ def cuda_arch_error(built: Sequence[str], capability: tuple[int, int], gpu_name:
         f"{', '.join(built) or 'no GPU'} only; rebuild it for this GPU with "
         f"`TORCH_CUDA_ARCH_LIST={major}.{minor} {REBUILD}` from the source tree"
     )
+
+
+def torch_mismatch(requires: Iterable[str], torch_version: str) -> str | None:
+    """``None`` when the torch of a wheel's requirements (``torch==2.14.*``) is the running one, else the
+    one-line error to raise before loading a library built against another torch's ABI."""
+    running = ".".join(torch_version.split(".")[:2])
+    for requirement in requires:
+        m = re.fullmatch(r"torch\s*==\s*(\d+\.\d+)\.\*", requirement.split(";")[0].strip())
+        if m and m.group(1) != running:
+            return (
+                f"this elsa-vision wheel was built for torch {m.group(1)}, but torch {torch_version} is installed: "
+                f"install the elsa-vision wheel built for torch {running}, or torch {m.group(1)}, or build from "
+                f"source (`{REBUILD}` in the source tree)"
+            )
+    return None

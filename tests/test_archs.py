@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import elsa_op._registration as registration
-from elsa_op._archs import arch_list, built_archs, cuda_arch_error, runs_on
+from elsa_op._archs import arch_list, built_archs, cuda_arch_error, runs_on, torch_mismatch
 
 TORCH_CU130 = "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120".split()
 
@@ -110,3 +110,14 @@ def test_the_library_records_its_archs():
     assert bool(recorded) == cuda_kernels
     for arch in recorded:
         runs_on(arch, (8, 0))  # a well-formed arch, or ValueError
+
+
+def test_a_wheel_refuses_another_torch_minor_in_one_line():
+    requires = ["torch==2.14.*", "torchvision", "mmcv==2.1.0; extra == 'mm'"]
+    assert torch_mismatch(requires, "2.14.1+cu130") is None
+    assert torch_mismatch(requires, "2.14.0") is None
+    error = torch_mismatch(requires, "2.15.0+cu130")
+    assert error is not None and "\n" not in error
+    assert error.startswith("this elsa-vision wheel was built for torch 2.14, but torch 2.15.0+cu130 is installed")
+    # A source install, whose requirement is a range, is not checked here.
+    assert torch_mismatch(["torch>=2.6"], "2.15.0") is None
