@@ -7,6 +7,7 @@ the tree was built with, so that it reuses the objects in build/ and only links 
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -62,14 +63,14 @@ def test_the_wheel_installs_and_runs_outside_the_tree_without_nvcc(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    site = subprocess.run(
+    site_packages = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-    (Path(site) / "base_environment.pth").write_text("".join(p + "\n" for p in ours))
+    ours = sorted({str(Path(torch.__file__).parents[1]), *site.getsitepackages()})
+    (Path(site_packages) / "base_environment.pth").write_text("".join(p + "\n" for p in ours))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     assert shutil.which("nvcc", path=env["PATH"]) is None
     pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index"]
