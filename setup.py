@@ -77,7 +77,9 @@ def _extension():
     if not use_cuda:
         return CppExtension("elsa_op._C", sources, **kwargs)
     sources += sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
-    kwargs["extra_compile_args"]["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++20"]
+    # --threads 0: nvcc compiles the archs of one source in parallel, one per core (else one after another).
+    nvcc = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++20", "--threads", "0"]
+    kwargs["extra_compile_args"]["nvcc"] = nvcc
     kwargs["include_dirs"] = _cuda_include_dirs()
     return CUDAExtension("elsa_op._C", sources, **kwargs)
 
