@@ -115,6 +115,13 @@ def test_the_report_covers_every_kernel_with_registers_and_estimates(kernels, to
     whole = [r for r in rows if len(r) > 10]
     assert len(whole) == 24 and {r[-1] for r in whole} <= {"issue", "L1", "HBM", "FMA", "latency"}
     assert len([r for r in rows if r[2].startswith("ELSA-Swin")]) == 6
+    # gpu_check.sh: a measured time beside the whole-kernel estimate, and measured / estimate
+    seen = tool.report(kernels, False, False, [tool.DEVICES[0]], {("forward", "float32"): 0.5}, batches=(128,))
+    row = next(
+        r.split() for r in seen.splitlines() if r.startswith("H100 SXM  1 ") and " forward " in r and "float32" in r
+    )
+    est = float(row[13])  # device (2 words), stage, batch, kernel, dtype, instr/ct, warps, 5 bounds, estimate
+    assert row[-2] == "0.500" and float(row[-1]) == pytest.approx(0.5 / est, abs=0.01)
     for w in tool.layer_kernels(kernels, "sm_90", "float32", tool.stage_layer("ELSA-Swin-T", 1, 128)):
         if w.channel_taps:
             assert 0 < w.roofline_ms(tool.DEVICES[0]) <= w.estimate_ms(tool.DEVICES[0])

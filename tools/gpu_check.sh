@@ -11,8 +11,9 @@
 #    1. build elsa_op._C in place for this GPU's architecture only (ptxas register and spill report)
 #    2. the GPU tests (pytest -m cuda; what CI runs without a GPU, such as the CPU emulation, is left out)
 #    3. compute-sanitizer memcheck of elsa_op's kernels over tools/gpu_sanitizer_cases.py
-#    4. benchmarks/bench_op.py at batch 128, each kernel timed alone, next to the estimate that
-#       benchmarks/sass_budget.py makes from the compiled code (budget.log)
+#    4. benchmarks/bench_op.py at batch 128, each kernel timed alone, next to the whole-kernel estimate
+#       that benchmarks/sass_budget.py makes from the compiled code for this GPU (budget.log: each measured
+#       time beside the estimate, its binding bound and measured / estimate)
 #    5. cls/distributed_train.sh 1 on a small generated folder
 #    6. det/tools/dist_train.sh and seg/tools/dist_train.sh with 1 GPU for a few iterations of a small
 #       config, then their tools/dist_test.sh (needs mmengine, mmcv, mmdet / mmseg: skipped, with the
@@ -107,7 +108,7 @@ if [ -z "$GPU" ] || [ -z "$ARCH" ]; then
     skip "$s" "no CUDA device"
   done
   # What needs no GPU still runs: the estimates from the library built in the tree, if it has CUDA code.
-  step estimates 90 "$OUT/budget.log" "$PY" benchmarks/sass_budget.py --arch sm_90
+  step estimates 90 "$OUT/budget.log" "$PY" benchmarks/sass_budget.py --device H100
   note "total: $((SECONDS - T0))s of ${BUDGET}s"
   echo; cat "$SUMMARY"
   exit 1
@@ -170,7 +171,8 @@ else
   skip memcheck "no compute-sanitizer"
 fi
 
-# 4. each kernel timed alone at batch 128, then the estimate from this build's code next to it
+# 4. each kernel timed alone at batch 128, then the whole-kernel estimate from this build's code next to it
+# (the fused pass is timed with ghost_reduce, and compared with both kernels' estimates)
 step bench_op 100 "$OUT/bench.log" "$PY" benchmarks/bench_op.py --device cuda --batch 128 --no-unfold --split \
   --dtypes float32 bfloat16 --layouts channels_last nchw
 step estimates 60 "$OUT/budget.log" "$PY" benchmarks/sass_budget.py --arch "$SM" --device "$GPU" \
