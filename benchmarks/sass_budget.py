@@ -40,8 +40,8 @@ blocks, dominators, post-dominators, natural loops) and walks the launch grid of
   - the fused pass: each block's warps through the per-thread set-up, then per step the three parts
     between its barriers (part 1 for the warp that writes the runs, the others pass it; part 2's products
     loop per run, a pair's half of the body only in warps where some lane's pair is live; part 3's sum
-    per pixel, its loops' trips from their unrolling, only in warps holding some of its threads), then
-    the ghost partial sums; ghost_reduce per thread, one partial sum per tile.
+    per (pixel, tap) item, its loops' trips from their unrolling, as many rounds as the warp has items),
+    then the ghost partial sums; ghost_reduce per thread, its slice of the tiles' partial sums.
 Beside the instructions it counts L1 wavefronts (each warp-wide global access: the distinct 128-byte
 lines of each group of 8, 16 or 32 lanes, for 16-, 8- and narrower bytes per lane; shared memory: the most
 words in one bank), the FP32 lanes' instructions, the compulsory HBM bytes plus the ghost partial sums,
@@ -372,6 +372,9 @@ class Loop:
     children: list[Loop] = dataclasses.field(default_factory=list)
 
 
+EXIT_NODE = -1  # the virtual block every EXIT leads to
+
+
 class Flow:
     """The control-flow graph of one kernel: blocks, (post)dominators and natural loops."""
 
@@ -417,6 +420,8 @@ class Flow:
                     seen.add(s)
                     stack.append(s)
         self.reachable = seen
+        # blocks that may leave the kernel (an EXIT, predicated or not): edges to a virtual exit, EXIT_NODE
+        self.exits = {b.index for b in self.blocks if b.code[-1].opcode.split(".")[0] in {"EXIT", "RET"}}
         self.dom = self._dominators(forward=True)
         self.postdom = self._dominators(forward=False)
         self.loops = self._loops()
@@ -427,8 +432,9 @@ class Flow:
             roots = [0]
             into = {n: [p for p in self.blocks[n].preds if p in self.reachable] for n in nodes}
         else:
-            roots = [n for n in nodes if not self.blocks[n].succs]
-            into = {n: list(self.blocks[n].succs) for n in nodes}
+            roots = [EXIT_NODE]
+            into = {n: list(self.blocks[n].succs) + ([EXIT_NODE] if n in self.exits else []) for n in nodes}
+            nodes = [EXIT_NODE, *nodes]
         dom = {n: set(nodes) for n in nodes}
         for r in roots:
             dom[r] = {r}
@@ -468,7 +474,8 @@ class Flow:
     def count(self, blocks) -> Counts:
         total = Counts()
         for b in blocks:
-            total = total + counts_of(self.blocks[b].code)
+            if b != EXIT_NODE:
+                total = total + counts_of(self.blocks[b].code)
         return total
 
     def own(self, loop: Loop) -> set[int]:
@@ -481,9 +488,10 @@ class Flow:
         return {b for b in self.own(loop) if b in self.dom[loop.latch]}
 
     def exit_block(self, loop: Loop) -> int:
-        """Where the loop goes when it ends (the first block after it that it branches or falls to)."""
+        """Where the loop goes when it ends (the first block after it that it branches or falls to, else
+        the kernel's end)."""
         outside = {s for b in loop.blocks for s in self.blocks[b].succs if s not in loop.blocks}
-        return min(outside)
+        return min(outside) if outside else EXIT_NODE
 
     def path(self, loop: Loop) -> set[int]:
         """The straight-line blocks every thread that runs `loop` runs: those before it (its header's
@@ -782,8 +790,8 @@ class GatherShape:
             a for a in flow.ancestors(self.border) if self.inner.blocks.isdisjoint(a.blocks)
         ]
         self.K = K
-        exit_blocks = [b for b in flow.reachable if not flow.blocks[b].succs]
-        self.idle = set().union(*(flow.dom[b] for b in exit_blocks))
+        # a warp with no items: what every way out of the kernel passes through
+        self.idle = set.intersection(*(flow.dom[b] for b in flow.exits & flow.reachable))
         self.inner_path = flow.path(self.inner_nest[-1])
         self.border_path = flow.path(self.border_nest[-1])
 
@@ -970,30 +978,29 @@ def attn_ghost_whole(flow: Flow, dtype: str, L: Layer, V: int, arch: str, regist
     # per step, per warp
     run_cost = flow.count(flow.unconditional(prod))
     pair_cost = flow.count(flow.own(prod) - flow.unconditional(prod)) * 0.5
-    n_skip = flow.count(flow.unconditional(nloop))
-    n_full = flow.count(flow.own(nloop))
-    sum_cost = Counts()
-    for tl in nloop.children:
-        sum_cost = sum_cost + flow.count(flow.own(tl))
-        remaining = cv
-        for inner in sorted(tl.children, key=lambda lp: -flow.opcodes(lp.blocks, "LDS")):
-            unroll = max(flow.opcodes(inner.blocks, "LDS"), 1)
-            sum_cost = sum_cost + flow.count(inner.blocks) * (remaining // unroll)
-            remaining -= remaining // unroll * unroll
+    # one (pixel, tap) item of part 3: the loop's own code, and its sum's loops by their unrolling
+    sum_cost = flow.count(flow.own(nloop))
+    remaining = cv
+    for inner in sorted(nloop.children, key=lambda lp: -flow.opcodes(lp.blocks, "LDS")):
+        unroll = max(flow.opcodes(inner.blocks, "LDS"), 1)
+        sum_cost = sum_cost + flow.count(inner.blocks) * (remaining // unroll)
+        remaining -= remaining // unroll * unroll
+    step_items = plan["step"] * ct
+    pixel_sums = ct * (cv + 1)
     per_warp_step = []
     waves_step = []
     for w in range(warps):
         tids = range(32 * w, 32 * w + 32)
         live = [sum(t + k * threads < npairs for t in tids) for k in range(2)]
         live_pairs = sum(x > 0 for x in live)
-        sum_lanes = [t for t in tids if t < ct]
+        rounds = [
+            [t + k * threads for t in tids if t + k * threads < step_items] for k in range(-(-step_items // threads))
+        ]
+        rounds = [r for r in rounds if r]
         c = flow.count(r1 if w * 32 < step_runs else r1 & flow.dom[bar1])
         c = c + flow.count(r2_path) + flow.count(r3_path)
         c = c + (run_cost + pair_cost * live_pairs) * step_runs
-        if sum_lanes:
-            c = c + (n_full + sum_cost) * plan["step"]
-        else:
-            c = c + n_skip * plan["step"]
+        c = c + sum_cost * len(rounds)
         per_warp_step.append(c)
         # L1: a run's 4 pixels, a grad_out and a features vector per live pair; a store of each sum
         waves = 0.0
@@ -1003,10 +1010,13 @@ def attn_ghost_whole(flow: Flow, dtype: str, L: Layer, V: int, arch: str, regist
                 continue
             go = [(pp % cv) * V * item for pp in pairs]
             x = [((pp // cv) % L.K * L.C + (pp % cv) * V) * item for pp in pairs]
-            waves += step_runs * 4 * (vector_waves(go, V * item) + vector_waves(x, V * item) + 1)
-        if sum_lanes:
-            words = [t * cv for t in sum_lanes]
-            waves += plan["step"] * (cv * bank_wavefronts(words) + wavefronts([t * item for t in sum_lanes], item))
+            slots = [pp // cv * (cv + 1) + pp % cv for pp in pairs]
+            waves += step_runs * 4 * (vector_waves(go, V * item) + vector_waves(x, V * item) + bank_wavefronts(slots))
+        for r in rounds:  # part 3: each item's sums, then its store
+            words = [i // ct * pixel_sums + i % ct * (cv + 1) for i in r]
+            waves += cv * bank_wavefronts(words) + wavefronts(
+                [(i // ct * L.G * L.K**2 + i % ct) * item for i in r], item
+            )
         waves_step.append(waves)
     block_steps = sum(steps_of_tile)
     groups = L.G * plan["chunks"]
@@ -1018,7 +1028,7 @@ def attn_ghost_whole(flow: Flow, dtype: str, L: Layer, V: int, arch: str, regist
     waves = sum(waves_step) * block_steps * L.B * groups
     tiles = L.B * len(steps_of_tile)
     partials = tiles * L.K * L.K * L.C * 4
-    shared = step_runs * 40 + plan["step"] * npairs * 4
+    shared = step_runs * 40 + plan["step"] * pixel_sums * 4
     return Whole(
         "attn+ghost",
         dtype,
@@ -1039,7 +1049,7 @@ def attn_plan(L: Layer, V: int) -> dict:
     chunk_vectors = max(d for d in range(1, cvh + 1) if cvh % d == 0 and d * min(kk, max_pairs) <= max_pairs)
     chunk_taps = min(kk, max_pairs // chunk_vectors)
     chunks = (cvh // chunk_vectors) * -(-kk // chunk_taps)
-    step = min(max(32768 // (chunk_vectors * chunk_taps * 4), 1), 8)
+    step = min(max(32768 // ((chunk_vectors + 1) * chunk_taps * 4), 1), 8)
     step = max(step // 4, 1) * 4
     plane = L.H * (-(-L.W // 4) * 4)
     others = max(1, L.B * L.G * chunks)
@@ -1051,34 +1061,41 @@ def attn_plan(L: Layer, V: int) -> dict:
     return dict(chunk_vectors=chunk_vectors, chunk_taps=chunk_taps, chunks=chunks, step=step, tile_slots=slots)
 
 
+REDUCE_SLICES, REDUCE_ITEMS = 8, 32  # kernels.cuh's kReduceSlices (threads per item) and kReduceItems
+
+
 def ghost_reduce_whole(flow: Flow, L: Layer, V: int, arch: str, registers: int) -> Whole:
-    """ghost_reduce<float> summing the ghost_add gradient's partial sums (one per tile) in tile order."""
+    """ghost_reduce<float> summing the ghost_add gradient's partial sums (one per tile): REDUCE_ITEMS items per
+    block, each item's tiles in REDUCE_SLICES slices summed by one thread each, then the slices in order."""
     plan = attn_plan(L, V)
     tiles = L.B * len(plan["tile_slots"])
     items = L.C * L.K * L.K
-    body = max(flow.innermost(), key=lambda lp: flow.loads(lp.blocks)[0])
-    per_trip = max(flow.loads(body.blocks)[0], 1)
-    outer = body.parent
-    trips = tiles // per_trip
-    thread = flow.count(flow.dom[body.header] - {body.header}) + flow.count(body.blocks) * trips
-    if outer is not None:
-        thread = thread + flow.count(flow.own(outer))
-    warps = -(-items // 32)
-    blocks = -(-items // 256)
-    instr = thread * warps
-    waves = warps * tiles * vector_waves([4 * k for k in range(32)], 4)
+    per_thread = -(-tiles // REDUCE_SLICES)
+    loops = sorted((lp for lp in flow.loops if flow.loads(lp.blocks)[0]), key=lambda lp: -flow.loads(lp.blocks)[0])
+    remaining, chain, thread = per_thread, 0, Counts()
+    for lp in loops:  # the unrolled loop, then the one that takes the rest
+        unroll = flow.loads(lp.blocks)[0]
+        trips = remaining // unroll
+        thread = thread + flow.count(lp.blocks) * trips
+        chain += trips
+        remaining -= trips * unroll
+    in_loops = set().union(*(lp.blocks for lp in flow.loops))
+    thread = thread + flow.count(flow.reachable - in_loops)
+    blocks = -(-items // REDUCE_ITEMS)
+    warps = blocks * 256 // 32
+    waves = warps * per_thread * wavefronts([4 * k for k in range(32)], 4)
     return Whole(
         "ghost_reduce",
         "float32",
         L,
-        instr.instructions,
-        instr.fp32,
+        (thread * warps).instructions,
+        (thread * warps).fp32,
         waves,
         tiles * items * 4 + items * 4,
         0,
-        occupancy(arch, 256, registers, 0),
+        occupancy(arch, 256, registers, 256 * 4),
         blocks,
-        latency_chain=trips + tiles % per_trip,
+        latency_chain=chain + remaining,
     )
 
 

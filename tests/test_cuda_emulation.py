@@ -163,6 +163,16 @@ def test_emulated_large_heads_and_kernels(emu):
     assert "forward<0,4>" in ran
 
 
+def test_emulated_sums_over_many_taps_and_tiles(emu):
+    """The fused pass's attention-gradient sums with more taps in a chunk than a block has threads (K = 17:
+    289 taps of one channel vector, so that each thread's items lie a row of taps apart), and the ghost
+    gradients' reduction over more tiles than it has slices, in a count that is not a multiple of them, for
+    a number of weights that is not a multiple of a block's items, per image and broadcast."""
+    _check(emu, 1, 8, 12, 10, 2, 17, 1, 1, torch.float32, "broadcast", "channels_last", subsets=[(True, True, True)])
+    _check(emu, 3, 24, 21, 19, 3, 3, 1, 1, torch.float32, "batched", "channels_last", subsets=[(True, True, True)])
+    _check(emu, 3, 24, 21, 19, 3, 3, 1, 1, torch.bfloat16, "broadcast", "nchw", subsets=[(True, True, True)])
+
+
 def test_emulated_column_steps_past_32_bits(emu):
     """Features and grad_out whose neighbouring pixels lie 2^31 elements apart (in 4 GiB buffers of which
     only those pixels are ever touched): the gathers take their 64-bit paths, and the attention/ghost pass,

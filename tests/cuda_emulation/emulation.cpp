@@ -3,7 +3,8 @@
 // instead of launching it. Built and used by tests/test_cuda_emulation.py.
 //
 // Emulation rules, so that what passes here holds on the GPU:
-//   - every grid is the one the CUDA runner launches (launch.h's item_grid, stride_grid, the attention
+//   - every grid is the one the CUDA runner launches (launch.h's item_grid, stride_grid, ghost_reduce_blocks, the
+//   attention
 //     plan), block by block and thread by thread, grid-stride loops included;
 //   - a block's shared memory starts as NaN, so a read of a slot no thread wrote poisons the result;
 //   - two `threads` steps of a block with no `sync` between them are an error (a missing barrier);
@@ -15,6 +16,7 @@
 //     address.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -118,11 +120,13 @@ struct EmulationRunner {
     const int64_t table = R.taps * R.channels;
     const int64_t lo = only_batch >= 0 ? only_batch * table : 0, hi = only_batch >= 0 ? lo + table : items;
     poison(raw(R.output) + lo, hi - lo);
-    const int64_t blocks = stride_grid(items), step = blocks * kItemThreads;
-    for (int64_t bx = 0; bx < blocks; ++bx)
-      for (int tid = 0; tid < kItemThreads; ++tid)
-        for (int64_t item = bx * kItemThreads + tid; item < items; item += step)
-          if (item >= lo && item < hi) ghost_reduce_item(R, item);
+    // the blocks that hold the items [lo, hi) (with only_batch, a block may reach into a neighbouring unit)
+    for (int64_t bx = lo / kReduceItems; bx < std::min(ghost_reduce_blocks(hi), ghost_reduce_blocks(items)); ++bx) {
+      HostBlock<GhostReduceThread<A>> block(kReduceThreads, kReduceThreads * int64_t(sizeof(A)));
+      const size_t regions = access::regions.size();
+      ghost_reduce_block(R, block, bx, items);
+      access::regions.resize(regions);
+    }
   }
 
   template <typename T>

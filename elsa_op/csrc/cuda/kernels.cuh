@@ -571,7 +571,10 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
 //   2. every thread forms its pairs' products for the step's pixels: it adds them to its ghost sums
 //      (registers, across the whole tile) and stores their ghost_mul-weighted channel sum per pixel in
 //      shared memory;
-//   3. threads sum those over the head's channel vectors in a fixed order and write the attention gradient.
+//   3. every thread takes (pixel, tap) items of the step, kAttnThreads apart, sums each over the chunk's channel
+//      vectors in a fixed order and writes the attention gradient. The sums of one (pixel, tap) lie next to each
+//      other, and a tap's are padded by one slot, so that the lanes of a warp, which take neighbouring taps,
+//      read from different banks.
 // At the end each thread writes its pairs' ghost sums as the tile's partial sums; ghost_reduce_item sums
 // the tiles in a fixed order. Nothing is atomic, so results are bit-identical from run to run.
 //
@@ -619,6 +622,8 @@ struct AttnGhostThread {
   // The pixels of a row whose tap lies inside the image have x coordinates j * stride + dx in [0, x_lim);
   // x_lim = min(W, Wo * stride + dx) also stops a run at the row's last pixel.
   int x_lim[kPairsPerThread];
+  int sum_slot[kPairsPerThread];  // the pair's weighted sum in a pixel's sums: tap * (chunk_vectors + 1) + vector
+  int sum_n, sum_tl;              // the thread's first item of step 3: pixel tid / chunk_taps, tap tid % chunk_taps
   A mv[kPairsPerThread][V], sum_mul[kPairsPerThread][V], sum_add[kPairsPerThread][V];
 };
 
@@ -636,11 +641,15 @@ ELSA_HD Index attn_ghost_row_slots(const Geometry<Index>& g) {
   return (g.Wo + kRunPixels - 1) / kRunPixels * kRunPixels;
 }
 
-// Shared memory of one block: step_pixels / kRunPixels StepRuns, then step_pixels * chunk_vectors * chunk_taps
-// weighted sums.
+// Shared memory of one block: step_pixels / kRunPixels StepRuns, then for each of the step's pixels its
+// chunk_taps * (chunk_vectors + 1) weighted sums (a tap's chunk_vectors sums and a slot of padding).
+template <typename T>
+ELSA_HD int attn_ghost_pixel_sums(const AttnGhostArgs<T>& A) {
+  return A.chunk_taps * (A.chunk_vectors + 1);
+}
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_sums(const AttnGhostArgs<T>& A) {
-  return int64_t(A.step_pixels) * A.chunk_vectors * A.chunk_taps;
+  return int64_t(A.step_pixels) * attn_ghost_pixel_sums(A);
 }
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_bytes(const AttnGhostArgs<T>& A) {
@@ -690,7 +699,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
   const int K = kernel_size<KT>(g), r = K / 2, KK = K * K;
   const int b = tile_index / A.tiles_per_image, tile = tile_index - b * A.tiles_per_image;
   const int tc = chunk / A.channel_chunks, cc = chunk - tc * A.channel_chunks;
-  const int npairs = A.chunk_vectors * A.chunk_taps;
+  const int npairs = A.chunk_vectors * A.chunk_taps, pixel_sums = attn_ghost_pixel_sums(A);
   const int row_slots = attn_ghost_row_slots(g), plane = g.Ho * row_slots, step_runs = A.step_pixels / kRunPixels;
   const int pix0 = tile * A.tile_pixels;
   const int pix1 = pix0 + A.tile_pixels < plane ? pix0 + A.tile_pixels : plane;
@@ -709,6 +718,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
       const int cvl = e % A.chunk_vectors, tl = e / A.chunk_vectors;
       const int cv = cc * A.chunk_vectors + cvl, t = tc * A.chunk_taps + tl;
       th.live[k] = e < npairs && cv < cv_in_group && t < KK;
+      th.sum_slot[k] = tl * (A.chunk_vectors + 1) + cvl;
       th.c[k] = grp * A.channels_per_group + cv * V;
       th.t[k] = t;
       const int p = t / K, q = t - p * K;
@@ -726,6 +736,8 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
       if (th.live[k] && A.ghost_mul)
         load_acc<acc_t, V>(A.ghost_mul + b * A.ghost_mul_batch_stride + int64_t(t) * g.C + th.c[k], th.mv[k]);
     }
+    th.sum_n = tid / A.chunk_taps;
+    th.sum_tl = tid - th.sum_n * A.chunk_taps;
   });
   blk.sync();
 
@@ -764,7 +776,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
         ELSA_UNROLL
         for (int k = 0; k < kPairsPerThread; ++k) {
           if (!th.live[k]) continue;
-          Shared<acc_t> sum = s_sum + (q * kRunPixels * npairs + tid + k * kAttnThreads);
+          Shared<acc_t> sum = s_sum + (q * kRunPixels * pixel_sums + th.sum_slot[k]);
           Global<const T> go = A.grad_out + (sr.go + th.c[k]);
           Global<const T> x = A.features + (sr.x + th.x_off[k]);
           Global<const T> h = nullptr;
@@ -782,7 +794,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
             x += x_step;
             if constexpr (kGradMul) h += h_step;
             xx += unsigned(g.stride);
-            sum += npairs;
+            sum += pixel_sums;
           }
         }
       }
@@ -797,20 +809,21 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
       }
     });
     blk.sync();
-    // 3. the attention gradient: each (pixel, tap) summed over the chunk's channel vectors, in order
+    // 3. the attention gradient: each (pixel, tap) of the step summed over the chunk's channel vectors, in order,
+    // by one thread; a thread's items are kAttnThreads apart (its pixel and tap step without dividing).
     if (need_attn) {
-      blk.threads([&](int tid, Thread&) {
-        for (int n = 0; n < A.step_pixels; ++n) {
+      const int jump_n = kAttnThreads / A.chunk_taps, jump_tl = kAttnThreads - jump_n * A.chunk_taps;
+      blk.threads([&](int, Thread& th) {
+        int n = th.sum_n, tl = th.sum_tl;
+        while (n < A.step_pixels) {
           const StepRun& sr = ref(s_run + n / kRunPixels);
-          const int u = n % kRunPixels;
-          if (u >= sr.count) continue;
-          const int pix = sr.pix + u;
-          const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + pix) * g.G + grp;
-          for (int tl = tid; tl < A.chunk_taps; tl += kAttnThreads) {
-            const int t = tc * A.chunk_taps + tl;
-            if (t >= KK) break;
+          const int u = n % kRunPixels, t = tc * A.chunk_taps + tl;
+          if (u < sr.count && t < KK) {
+            const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + sr.pix + u) * g.G + grp;
+            const Shared<acc_t> sums = s_sum + (n * pixel_sums + tl * (A.chunk_vectors + 1));
             acc_t total = 0;
-            const Shared<acc_t> sums = s_sum + (n * npairs + tl * A.chunk_vectors);
+            // (not unrolled: for a count known only at run time that is a cascade of remainders per item)
+            ELSA_NO_UNROLL
             for (int cvl = 0; cvl < A.chunk_vectors; ++cvl) total += load(sums + cvl);
             if (A.grad_attention) {
               store(A.grad_attention + (out_pix * KK + t), static_cast<T>(total));
@@ -818,6 +831,12 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
               const int64_t numel = int64_t(g.B) * g.Ho * g.Wo * g.G * KK;
               store(A.grad_attention_partials + (cc * numel + out_pix * KK + t), total);
             }
+          }
+          n += jump_n;
+          tl += jump_tl;
+          if (tl >= A.chunk_taps) {
+            tl -= A.chunk_taps;
+            ++n;
           }
         }
       });
@@ -842,7 +861,14 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
 }
 
 // Ghost gradients: out[u, c, t] = sum of part[tile, t, c] over the tiles of unit u (all tiles for a broadcast
-// kernel, the tiles of image u for a per-image one), in tile order. One item per (u, t, c), c fastest.
+// kernel, the tiles of image u for a per-image one). Items (u, t, c), c fastest, kReduceItems per block; each
+// item's tiles are cut into kReduceSlices slices (slice s: tiles s, s + kReduceSlices, ...), each summed in tile
+// order by one thread, and the slices' sums are then added in slice order by the item's first thread, so that
+// the order depends only on the shapes and the result is the same on every run.
+constexpr int kReduceSlices = 8;
+constexpr int kReduceThreads = 256;
+constexpr int kReduceItems = kReduceThreads / kReduceSlices;
+
 template <typename A>
 struct GhostReduceArgs {
   Global<const A> partials;  // [units * tiles_per_unit, K*K, C]
@@ -851,13 +877,32 @@ struct GhostReduceArgs {
 };
 
 template <typename A>
-ELSA_HD void ghost_reduce_item(const GhostReduceArgs<A>& R, int64_t item) {
+struct GhostReduceThread {};
+
+template <typename A, class Block>
+ELSA_HD void ghost_reduce_block(const GhostReduceArgs<A>& R, Block& blk, int64_t block_index, int64_t items) {
+  const Shared<A> s_part = shared_region<A>(blk.shared(), kReduceThreads * sizeof(A), 0, kReduceThreads, "slice sums");
   const int64_t table = R.taps * R.channels;
-  const int64_t u = item / table, rest = item - u * table, t = rest / R.channels, c = rest - t * R.channels;
-  A total = 0;
-  const Global<const A> p = R.partials + (u * R.tiles_per_unit * table + t * R.channels + c);
-  for (int64_t k = 0; k < R.tiles_per_unit; ++k) total += load(p + k * table);
-  store(R.output + (u * table + c * R.taps + t), total);
+  blk.threads([&](int tid, GhostReduceThread<A>&) {
+    const int lane = tid % kReduceItems, slice = tid / kReduceItems;
+    const int64_t item = block_index * kReduceItems + lane;
+    A total = 0;
+    if (item < items) {
+      const int64_t u = item / table, rest = item - u * table;
+      const Global<const A> p = R.partials + (u * R.tiles_per_unit * table + rest);
+      for (int64_t k = slice; k < R.tiles_per_unit; k += kReduceSlices) total += load(p + k * table);
+    }
+    store(s_part + tid, total);
+  });
+  blk.sync();
+  blk.threads([&](int tid, GhostReduceThread<A>&) {
+    const int64_t item = block_index * kReduceItems + tid;
+    if (tid >= kReduceItems || item >= items) return;
+    A total = 0;
+    for (int s = 0; s < kReduceSlices; ++s) total += load(s_part + (s * kReduceItems + tid));
+    const int64_t u = item / table, rest = item - u * table, t = rest / R.channels, c = rest - t * R.channels;
+    store(R.output + (u * table + c * R.taps + t), total);
+  });
 }
 
 // Attention gradient of heads split into several channel chunks: the chunks' partials summed in order.

@@ -34,7 +34,12 @@ inline ItemGrid item_grid(int64_t items_per_row, int64_t rows) {
   return ItemGrid{(items_per_row + kItemThreads - 1) / kItemThreads, std::min<int64_t>(rows, kMaxGridY)};
 }
 
-// Grid of the grid-stride kernels (ghost_reduce, chunk_sum).
+// Blocks of ghost_reduce: kReduceItems items each.
+inline int64_t ghost_reduce_blocks(int64_t items) {
+  return (items + kReduceItems - 1) / kReduceItems;
+}
+
+// Grid of the grid-stride kernel chunk_sum.
 inline int64_t stride_grid(int64_t items) {
   return std::min<int64_t>((items + kItemThreads - 1) / kItemThreads, int64_t(1) << 20);
 }
@@ -280,9 +285,9 @@ inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t 
   p.chunk_taps = std::min(kk, kMaxPairs / p.chunk_vectors);
   p.channel_chunks = cv / p.chunk_vectors;
   p.tap_chunks = (kk + p.chunk_taps - 1) / p.chunk_taps;
-  // Shared memory for the step's weighted sums: at most 32 KiB, for two runs of pixels (kMaxPairs pairs of
-  // 8-byte sums take 32 KiB at 8 run slots).
-  p.step_pixels = int(std::clamp<int64_t>(32768 / (int64_t(p.chunk_vectors) * p.chunk_taps * acc_size), 1, 8));
+  // Shared memory for the step's weighted sums: at most 32 KiB, for one run of pixels or more (kMaxPairs pairs of
+  // 8-byte sums and their padding, at most 2 * kMaxPairs slots, take 32 KiB at 4 run slots).
+  p.step_pixels = int(std::clamp<int64_t>(32768 / (int64_t(p.chunk_vectors + 1) * p.chunk_taps * acc_size), 1, 8));
   p.step_pixels = std::max(p.step_pixels / kRunPixels, 1) * kRunPixels;
   // About 4096 blocks in all, each tile a multiple of P run slots. The split depends only on the shapes, so
   // the reduction order, and with it every bit of the result, is the same on every run and GPU.
@@ -381,6 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_attn_ghost_impl(
                                  batched ? plan.tiles_per_image : tiles,
                                  g.taps(),
                                  g.C};
+      TORCH_CHECK(ghost_reduce_blocks(out->numel()) < (int64_t(1) << 31),
+                  "elsa (CUDA): too many ghost kernel weights for one launch");
       if (out->numel() > 0) run.template ghost_reduce<A>(r, out->numel());
     }
   });

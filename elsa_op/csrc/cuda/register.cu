@@ -70,10 +70,9 @@ __global__ void __launch_bounds__(kAttnThreads, 2) attn_ghost_kernel(const AttnG
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kItemThreads) ghost_reduce_kernel(const GhostReduceArgs<A> args, int64_t items) {
-  for (int64_t item = blockIdx.x * int64_t(kItemThreads) + threadIdx.x; item < items;
-       item += int64_t(gridDim.x) * kItemThreads)
-    ghost_reduce_item(args, item);
+__global__ void __launch_bounds__(kReduceThreads) ghost_reduce_kernel(const GhostReduceArgs<A> args, int64_t items) {
+  DeviceBlock<GhostReduceThread<A>> block;
+  ghost_reduce_block(args, block, int64_t(blockIdx.x), items);
 }
 
 template <typename T>
@@ -101,7 +100,8 @@ struct CudaRunner {
   }
   template <typename A>
   void ghost_reduce(const GhostReduceArgs<A>& args, int64_t items) {
-    ghost_reduce_kernel<A><<<unsigned(stride_grid(items)), kItemThreads, 0, stream>>>(args, items);
+    ghost_reduce_kernel<A>
+        <<<unsigned(ghost_reduce_blocks(items)), kReduceThreads, kReduceThreads * sizeof(A), stream>>>(args, items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename T>
