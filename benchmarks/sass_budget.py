@@ -472,11 +472,14 @@ class Flow:
         return sorted(loops, key=lambda lp: self.blocks[lp.header].start)
 
     def count(self, blocks) -> Counts:
-        total = Counts()
+        if not hasattr(self, "_counts"):
+            self._counts = [counts_of(b.code) for b in self.blocks]
+        total, fp32 = 0.0, 0.0
         for b in blocks:
             if b != EXIT_NODE:
-                total = total + counts_of(self.blocks[b].code)
-        return total
+                total += self._counts[b].instructions
+                fp32 += self._counts[b].fp32
+        return Counts(total, fp32)
 
     def own(self, loop: Loop) -> set[int]:
         """The loop's blocks outside its inner loops."""
@@ -795,6 +798,7 @@ class GatherShape:
         self.inner_path = flow.path(self.inner_nest[-1])
         self.border_path = flow.path(self.border_nest[-1])
 
+    @functools.cache  # noqa: B019  (a handful of shapes, each alive as long as its flow)
     def straight(self, inner: bool, border: bool) -> Counts:
         blocks = set(self.idle)
         if inner:
@@ -803,6 +807,7 @@ class GatherShape:
             blocks |= self.border_path
         return self.flow.count(blocks)
 
+    @functools.cache  # noqa: B019
     def inner_cost(self, parts: int) -> Counts:
         f = self.flow
         row = f.count(f.own(self.inner)) * self.K
@@ -814,28 +819,34 @@ class GatherShape:
     def border_cost(self, pixels: list[list[int]]) -> Counts:
         """pixels[u][p]: taps of window row p live for some lane of the warp at the run's pixel u
         (-1: the row lies outside the image for the whole warp)."""
+        tap, trip, row_check, row_body, upper = self._border_pieces()
+        total = Counts()
+        for row_taps in pixels:
+            for live in row_taps:
+                total = total + row_check
+                if live >= 0:
+                    total = total + row_body + tap * live
+        return total + upper * len(pixels)
+
+    @functools.cache  # noqa: B019
+    def _border_pieces(self) -> tuple[Counts, Counts, Counts, Counts, Counts]:
+        """(a live tap, a trip of the innermost loop, a window row's check, a row inside the image less its
+        taps, a pixel's code outside the rows)."""
         f = self.flow
         lb = self.border
         tap = f.count(f.own(lb) - f.unconditional(lb)) * (1 / self.taps_border)
-        total = Counts()
+        trip = f.count(f.unconditional(lb))
         if self.taps_border >= self.K:  # the innermost border loop walks the window rows
-            upper = self.border_nest[1:]
-            for row_taps in pixels:
-                for live in row_taps:
-                    total = total + f.count(f.unconditional(lb)) + tap * max(live, 0)
+            upper, row_check, row_body = self.border_nest[1:], trip, Counts()
         else:  # it walks a row's taps; its parent the window rows
             rows = self.border_nest[1]
             upper = self.border_nest[2:]
-            trips = self.K // self.taps_border
-            for row_taps in pixels:
-                for live in row_taps:
-                    total = total + f.count(f.unconditional(rows))
-                    if live >= 0:
-                        total = total + f.count(f.own(rows) - f.unconditional(rows))
-                        total = total + f.count(f.unconditional(lb)) * trips + tap * live
+            row_check = f.count(f.unconditional(rows))
+            row_body = f.count(f.own(rows) - f.unconditional(rows)) + trip * (self.K // self.taps_border)
+        outer = Counts()
         for lp in upper:
-            total = total + f.count(f.own(lp)) * len(pixels)
-        return total
+            outer = outer + f.count(f.own(lp))
+        return tap, trip, row_check, row_body, outer
 
 
 def gather_whole(flow: Flow, kernel: str, dtype: str, L: Layer, V: int, arch: str, registers: int) -> Whole:
@@ -1364,12 +1375,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no cuobjdump (CUDA toolkit, or triton's copy)", file=sys.stderr)
         return 2
     archs = args.arch or library_archs(library, cuobjdump)
+    devices = pick_devices(args.device)
+    if args.device and not args.arch:  # one GPU: its architecture only
+        archs = [a for a in archs if a in {d.arch for d in devices}] or archs
     kernels = read_kernels(library, archs, cuobjdump)
     if not any(k.loops for k in kernels):
         print(f"error: {library} holds no elsa_op CUDA kernels for {' '.join(archs)}", file=sys.stderr)
         return 2
     measured = measured_times(args.measured) if args.measured and args.measured.exists() else None
-    devices = pick_devices(args.device)
     print(report(kernels, args.all, args.markdown, devices, measured))
     if args.json:
         out = {
