@@ -4,47 +4,66 @@ against PyTorch on the same input (``tools/export_onnx.py``).
     python tools/export_onnx.py --model elsa_swin_tiny --checkpoint elsa_swin_tiny.safetensors -o elsa_swin_tiny.onnx
 
 It is plain ``torch.onnx.export(model, x, path, dynamo=True)``: while exporting, the ELSA operator
-records itself written in standard ONNX operators (:mod:`elsa_op.decomposition`), so the file runs in
-any ONNX runtime, with no part of this project installed.
+records itself written in standard ONNX operators (:mod:`elsa_op.decomposition`, in the form
+``--elsa-form`` names), so the file runs in any ONNX runtime, with no part of this project installed.
+The tool prints how long the export took and the graph's nodes by operator type.
 """
 
 import argparse
+import collections
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from elsa_op.decomposition import FORMS, decomposition_form
+
 from .checkpoint import load_checkpoint_file
 from .classifier import create_from_checkpoint
 
 
-def export(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    path: Path,
-) -> None:
+def export(model: torch.nn.Module, x: torch.Tensor, path: Path, form: str = "windows") -> None:
     """Write ``model`` (in eval mode) as ONNX, its input's batch axis dynamic.
 
     Args:
         model (nn.Module): the model; it is put in eval mode.
         x (Tensor[B, 3, H, W]): the example input, B >= 2 (a batch of 1 would be specialised to 1).
         path (Path): the ``.onnx`` file to write; its folder is created.
+        form (str): how the ELSA layers are written, one of :data:`elsa_op.decomposition.FORMS`.
+            Default: ``"windows"``.
     """
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(
-        model.eval(),
-        (x,),
-        dynamo=True,
-        dynamic_shapes=({0: batch},),
-        input_names=["image"],
-        output_names=["output"],
-        verbose=False,
-    )
+    with decomposition_form(form):
+        program = torch.onnx.export(
+            model.eval(),
+            (x,),
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            input_names=["image"],
+            output_names=["output"],
+            verbose=False,
+        )
     if program is None:  # only the deprecated TorchScript exporter returns nothing
         raise RuntimeError("torch.onnx.export returned no program")
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
+
+
+def node_counts(path: Path) -> dict[str, int]:
+    """The nodes of an ONNX file's main graph by operator type, most frequent first.
+
+    Args:
+        path (Path): the ``.onnx`` file.
+
+    Returns:
+        dict[str, int]: ``{op_type: count}``.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(collections.Counter(node.op_type for node in graph.node).most_common())
 
 
 def check(
@@ -95,6 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="batch of the onnxruntime check (the export traces batch 2; the axis is dynamic)",
     )
     parser.add_argument("--atol", type=float, default=1e-4, help="largest difference the check accepts")
+    parser.add_argument(
+        "--elsa-form",
+        choices=FORMS,
+        default="windows",
+        help="how each ELSA layer is written: 'windows' (one Gather and one MatMul, faster, K*K times the "
+        "features' memory) or 'taps' (a slice, multiply and add per window tap)",
+    )
     args = parser.parse_args(argv)
     try:
         checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
@@ -104,7 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     model.eval()
     torch.manual_seed(0)
-    export(model, torch.randn(2, 3, args.img_size, args.img_size), args.output)
+    start = time.perf_counter()
+    export(model, torch.randn(2, 3, args.img_size, args.img_size), args.output, args.elsa_form)
+    seconds = time.perf_counter() - start
+    counts = node_counts(args.output)
+    print(f"exported {args.model} in {seconds:.1f} s ({args.elsa_form} form): {sum(counts.values())} nodes")
+    print("nodes by type: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
     diff = check(model, args.output, torch.randn(args.check_batch, 3, args.img_size, args.img_size))
     print(f"wrote {args.output}; onnxruntime vs PyTorch, batch {args.check_batch}: max abs difference {diff:.3g}")
     if diff > args.atol:
