@@ -1,7 +1,8 @@
-"""ONNX: the ELSA op's export decomposition (exact, linear memory, every case the op takes, dynamic batch
-and image size), tools/export_onnx.py, and plain torch.onnx.export of the classifier and the dense
-backbone, checked with onnxruntime."""
+"""ONNX: the ELSA op's export decomposition in both forms (exact, the memory each holds, every case the op
+takes, dynamic batch and image size), tools/export_onnx.py, and plain torch.onnx.export of the classifier
+and the dense backbone, checked with onnxruntime."""
 
+import collections
 import re
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import elsa_swin  # noqa: F401
 from elsa_op import elsa_function
-from elsa_op.decomposition import elsa_forward_decomposition
+from elsa_op.decomposition import FORMS, decomposition_form, elsa_forward_decomposition
+from elsa_swin.onnx import main as export_onnx_main
 
+onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # README: onnxruntime agrees with PyTorch within this, in float32
@@ -31,29 +34,42 @@ DECOMPOSITION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("B,C,H,W,G,K,dilation,stride,ghost,layout", DECOMPOSITION_CASES)
-def test_decomposition_matches_the_kernels(B, C, H, W, G, K, dilation, stride, ghost, layout):
+def test_decomposition_matches_the_kernels(B, C, H, W, G, K, dilation, stride, ghost, layout, form):
     x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, stride=stride, ghost=ghost, layout=layout, grad=False)
     h = h if h.dim() == 5 else h.unsqueeze(1)
-    got = elsa_forward_decomposition(x, h, m, a, K, dilation, stride)
+    got = elsa_forward_decomposition(x, h, m, a, K, dilation, stride, form)
     torch.testing.assert_close(
         got, elsa_function(x, h, m, a, kernel_size=K, dilation=dilation, stride=stride), rtol=1e-12, atol=1e-12
     )
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("ghost", GHOSTS)
-def test_decomposition_memory_is_linear_in_the_features(ghost):
-    """No intermediate of the decomposition holds the K * K taps at once: the largest is the padded features
-    (the old gather form, like F.unfold, made a K * K times larger one)."""
+def test_the_memory_each_form_holds(ghost, form):
+    """The taps form never holds the K * K taps at once: its largest intermediate is the padded features.
+    The windows form holds them once: its largest is the K * K windows of every pixel, K * K times the
+    features (a ghost kernel per image is weighed with them, in a product of that size too)."""
     B, C, H, W, G, K = 2, 8, 12, 12, 2, 7
     x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, ghost=ghost, dtype=torch.float32, grad=False)
-    graph = make_fx(lambda *t: elsa_forward_decomposition(*t, K, 1, 1))(x, h.reshape(B, G, K * K, H, W), m, a)
+    h = h.reshape(B, G, K * K, H, W)
+    graph = make_fx(lambda *t: elsa_forward_decomposition(*t, K, 1, 1, form))(x, h, m, a)
     sizes = [
         n.meta["val"].numel()
         for n in graph.graph.nodes
         if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
     ]
-    assert max(sizes) == B * C * (H + K - 1) * (W + K - 1)  # the padded features; K * K * B * C * H * W before
+    expected = B * C * (H + K - 1) * (W + K - 1) if form == "taps" else K * K * B * C * H * W
+    assert max(sizes) == expected
+
+
+def test_the_form_is_checked():
+    x, h, m, a = make_inputs(B=1, C=4, H=5, W=5, G=2, K=3, ghost=None, grad=False)
+    with pytest.raises(ValueError, match="form must be one of"):
+        elsa_forward_decomposition(x, h, m, a, 3, 1, 1, "unfold")
+    with pytest.raises(ValueError, match="form must be one of"), decomposition_form("unfold"):
+        pass
 
 
 class OpModule(torch.nn.Module):
@@ -85,24 +101,33 @@ class OpModule(torch.nn.Module):
         return elsa_function(v, h, mul, add, kernel_size=K, dilation=self.dilation, stride=self.stride)
 
 
+def op_types(path: Path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
 @pytest.mark.parametrize(
-    "G,K,dilation,stride,ghost,channels_last",
+    "G,K,dilation,stride,ghost,channels_last,form",
     [
-        (2, 3, 1, 1, "broadcast", True),
-        (1, 5, 2, 1, "batched", False),
-        (4, 3, 1, 2, "mixed", False),
-        (2, 7, 1, 1, None, True),
-        (1, 3, 3, 3, "broadcast", False),
+        (2, 3, 1, 1, "broadcast", True, "windows"),
+        (1, 5, 2, 1, "batched", False, "windows"),
+        (4, 3, 1, 2, "mixed", False, "windows"),
+        (2, 7, 1, 1, None, True, "windows"),
+        (1, 3, 3, 3, "broadcast", False, "windows"),
+        (4, 3, 2, 2, "mixed", True, "taps"),
     ],
 )
-def test_the_op_exports_with_dynamic_batch_and_size(tmp_path, G, K, dilation, stride, ghost, channels_last):
+def test_the_op_exports_with_dynamic_batch_and_size(tmp_path, G, K, dilation, stride, ghost, channels_last, form):
     torch.manual_seed(0)
     module = OpModule(8, G, K, dilation, stride, ghost, channels_last).eval()
     batch, height, width = torch.export.Dim("batch", min=1), torch.export.Dim.AUTO, torch.export.Dim.AUTO
-    program = torch.onnx.export(
-        module, (torch.randn(2, 3, 11, 13),), dynamo=True, dynamic_shapes=({0: batch, 2: height, 3: width},)
-    )
+    with decomposition_form(form):
+        program = torch.onnx.export(
+            module, (torch.randn(2, 3, 11, 13),), dynamo=True, dynamic_shapes=({0: batch, 2: height, 3: width},)
+        )
     program.save(str(tmp_path / "op.onnx"))
+    ops = op_types(tmp_path / "op.onnx")
+    # windows: the K * K taps are one Gather and one MatMul; taps: one Slice of the features per tap
+    assert (ops["Gather"] >= 1 and ops["MatMul"] == 1) if form == "windows" else ops["Slice"] >= K * K
     session = onnxruntime.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
     for shape in [(3, 3, 9, 16), (1, 3, 5, 4)]:
         image = torch.randn(shape)
@@ -133,9 +158,12 @@ def test_an_exported_program_keeps_the_op_until_decomposed():
 
 
 def test_plain_export_of_the_classifier(tmp_path):
-    """torch.onnx.export(model, x, dynamo=True) as a user writes it, with a dynamic batch and image size."""
+    """torch.onnx.export(model, x, dynamo=True) as a user writes it, with a dynamic batch and image size
+    (every stage ELSA, one block each: the smallest classifier that holds all its kinds of layer)."""
     torch.manual_seed(0)
-    model = timm.create_model("elsa_swin_nano", num_classes=5, elsa_stages=(True, True, True, True)).eval()
+    model = timm.create_model(
+        "elsa_swin_nano", num_classes=5, depths=(1, 1, 1, 1), elsa_stages=(True, True, True, True)
+    ).eval()
     dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), dynamo=True, dynamic_shapes=(dims,))
     program.save(str(tmp_path / "nano.onnx"))
@@ -147,30 +175,26 @@ def test_plain_export_of_the_classifier(tmp_path):
             torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=0, atol=ATOL)
 
 
-def test_export_tool(tmp_path):
+def test_export_tool(tmp_path, capsys):
     out = tmp_path / "nano.onnx"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "export_onnx.py"),
-            "--model",
-            "elsa_swin_nano",
-            "--img-size",
-            "64",
-            "--num-classes",
-            "7",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    diff = float(re.search(r"max abs difference (\S+)", r.stdout).group(1))
+    args = ["--model", "elsa_swin_nano", "--img-size", "64", "--num-classes", "7", "-o", str(out)]
+    assert export_onnx_main(args) == 0
+    printed = capsys.readouterr().out
+    diff = float(re.search(r"max abs difference (\S+)", printed).group(1))
     assert diff <= ATOL and out.stat().st_size > 0
+    # the time and the nodes by type; each of the 6 ELSA layers is one Gather of the windows and one MatMul
+    # by the attention (the taps form wrote 2 * 49 Slices per layer)
+    total = int(re.search(r"exported elsa_swin_nano in [0-9.]+ s \(windows form\): (\d+) nodes", printed).group(1))
+    counts = {op: int(n) for op, n in re.findall(r"(\w+) (\d+)", printed.split("nodes by type: ")[1].splitlines()[0])}
+    assert sum(counts.values()) == total == sum(op_types(out).values())
+    assert counts.get("Slice", 0) < 49 and counts["Gather"] >= 6
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": torch.randn(5, 3, 64, 64).numpy()})[0].shape == (5, 7)  # dynamic batch
+
+
+def test_export_tool_refuses_an_unknown_model(tmp_path, capsys):
+    assert export_onnx_main(["--model", "no_such_model", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
 
 
 def test_plain_export_of_the_dense_backbone(tmp_path):
@@ -178,10 +202,11 @@ def test_plain_export_of_the_dense_backbone(tmp_path):
     from elsa_mm import ELSASwin
 
     torch.manual_seed(0)
-    # Two stages (an ELSA one, then an attention one) hold every kind of layer the backbone has. Each further
+    # Two stages (an ELSA block, then two attention blocks, shifted and not) hold every kind of layer the
+    # backbone has. Each further
     # stage nests the symbolic sizes of its window padding deeper: the exporter's simplification of them
     # took 11 minutes for four stages on a 2-core machine, 2 for these two.
-    backbone = ELSASwin(embed_dim=32, depths=(2, 2), num_heads=(1, 2), group_width=4, out_indices=(0, 1)).eval()
+    backbone = ELSASwin(embed_dim=32, depths=(1, 2), num_heads=(1, 2), group_width=4, out_indices=(0, 1)).eval()
     x = torch.randn(2, 3, 64, 96)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = torch.onnx.export(backbone, (x,), dynamo=True, dynamic_shapes=(dims,))
