@@ -6,6 +6,10 @@ The timings of the two models are interleaved (one run of each in turn, repeated
 whose speed drifts slows both alike; each cell is the median. Prints a markdown table with images/s
 and the ratios ELSA-Swin-T / Swin-T and package / eager.
 
+A second table shows the forms an ELSA layer can be exported in (``elsa_op.decomposition.FORMS``): for
+ELSA-Swin-T's first ELSA layer (56x56 pixels, 96 channels at 224x224) alone in onnxruntime, its export
+time, its time per call and the peak memory one call adds to a fresh process, at each batch.
+
     python benchmarks/bench_deploy.py                  # 2 threads, batch 1 and 8
     python benchmarks/bench_deploy.py --threads 4 --batches 1 --skip-aoti
 """
@@ -13,6 +17,7 @@ and the ratios ELSA-Swin-T / Swin-T and package / eager.
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,27 +25,89 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 
 import elsa_swin  # noqa: F401  (registers the ELSA-Swin models with timm)
+from elsa_op import ELSAAttention
+from elsa_op.decomposition import FORMS
 from elsa_swin.aoti import count_elsa_calls, export_program, load_package, package
 from elsa_swin.onnx import export
 
 MODELS = {"ELSA-Swin-T": "elsa_swin_tiny", "Swin-T": "swin_tiny_patch4_window7_224"}
 
 
-def onnx_session(model: torch.nn.Module, path: Path, img_size: int, threads: int) -> Callable[[Any], Any]:
-    """Export ``model`` to ONNX at ``path`` (dynamic batch) and return a function that runs it in onnxruntime."""
+def onnx_runner(path: Path, threads: int) -> Callable[[Any], Any]:
+    """A function that runs the ONNX file at ``path`` in onnxruntime on the CPU with ``threads`` threads."""
     import onnxruntime
 
-    export(model, torch.randn(2, 3, img_size, img_size), path)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x.numpy()})
+    return lambda x: session.run(None, {name: x if isinstance(x, np.ndarray) else x.numpy()})
+
+
+def onnx_session(model: torch.nn.Module, path: Path, img_size: int, threads: int, form: str) -> Callable[[Any], Any]:
+    """Export ``model`` to ONNX at ``path`` (dynamic batch) and return a function that runs it in onnxruntime."""
+    export(model, torch.randn(2, 3, img_size, img_size), path, form)
+    return onnx_runner(path, threads)
+
+
+# Run in a fresh interpreter that imports onnxruntime and numpy only, so that its peak resident memory before
+# the call is that of the loaded session, not of torch's import. Prints the growth over one call, in bytes:
+# of the peak (ru_maxrss, KiB) and of the resident memory that onnxruntime's arena keeps after it.
+_PEAK_SCRIPT = """
+import os, resource, sys
+import numpy as np, onnxruntime
+path, threads, shape = sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]]
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = threads
+session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+peak, now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resident()
+session.run(None, {session.get_inputs()[0].name: x})
+print(max((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024, resident() - now))
+"""
+
+
+def peak_memory(path: Path, shape: tuple[int, ...], threads: int) -> int:
+    """Bytes that one onnxruntime call of the file at ``path`` on an input of ``shape`` adds to the memory of
+    a fresh process (Linux): the tensors the call makes, as onnxruntime's arena holds them."""
+    command = [sys.executable, "-c", _PEAK_SCRIPT, str(path), str(threads), *map(str, shape)]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def elsa_layer_forms(
+    model: torch.nn.Module, img_size: int, batches: list[int], threads: int, rounds: int, workdir: Path
+) -> list[tuple[str, float, int, float, int]]:
+    """The first ELSA layer of ``model``, exported in each form: (form, export seconds, batch, seconds per
+    call, peak bytes), one row per form and batch; the forms' timings are interleaved."""
+    layer = next(m for m in model.modules() if isinstance(m, ELSAAttention))
+    patch = model.patch_embed.patch_size[0]
+    shape = (img_size // int(patch), img_size // int(patch), int(layer.dim))
+    paths, export_seconds = {}, {}
+    for form in FORMS:
+        print(f"exporting one ELSA layer, {form} form ...", file=sys.stderr, flush=True)
+        paths[form] = workdir / f"elsa_layer_{form}.onnx"
+        start = time.perf_counter()
+        export(layer, torch.randn(2, *shape), paths[form], form)
+        export_seconds[form] = time.perf_counter() - start
+    sessions = {form: onnx_runner(path, threads) for form, path in paths.items()}
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, *shape).numpy()
+        runners = {form: (lambda f=f, x=x: f(x)) for form, f in sessions.items()}
+        seconds = time_interleaved(runners, rounds, warmup=1)
+        for form, path in paths.items():
+            peak = peak_memory(path, (batch, *shape), threads)
+            rows.append((form, export_seconds[form], batch, seconds[form], peak))
+    return rows
 
 
 def time_interleaved(runners: dict[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, float]:
@@ -66,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-aoti", action="store_true")
+    parser.add_argument(
+        "--elsa-form", choices=FORMS, default="windows", help="how ELSA-Swin-T's ELSA layers are exported to ONNX"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where to keep the exported files (default: temp)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -80,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         runtimes["eager"][label] = torch.no_grad()(model)
         if not args.skip_onnx:
             print(f"exporting {label} to ONNX ...", file=sys.stderr, flush=True)
-            runtimes["onnxruntime"][label] = onnx_session(model, workdir / f"{name}.onnx", args.img_size, args.threads)
+            path = workdir / f"{name}.onnx"
+            start = time.perf_counter()
+            runtimes["onnxruntime"][label] = onnx_session(model, path, args.img_size, args.threads, args.elsa_form)
+            print(f"  exported in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         if not args.skip_aoti:
             print(f"packaging {label} with AOTInductor ...", file=sys.stderr, flush=True)
             program = export_program(model, torch.randn(2, 3, args.img_size, args.img_size))
@@ -113,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             e, s = results[(runtime, batch, elsa)], results[(runtime, batch, swin)]
             vs_eager = e / results[("eager", batch, elsa)]
             print(f"| {runtime} | {batch} | {e:.2f} | {s:.2f} | {e / s:.2f}x | {vs_eager:.2f}x |")
+    if not args.skip_onnx:
+        elsa_model = timm.create_model(MODELS[elsa]).eval()
+        rows = elsa_layer_forms(elsa_model, args.img_size, args.batches, args.threads, args.rounds, workdir)
+        print(f"\n{elsa}'s first ELSA layer alone in onnxruntime, by export form (median of {args.rounds}):\n")
+        print("| form | export | batch | ms per call | peak memory of a call |")
+        print("|---|---:|---:|---:|---:|")
+        for form, export_s, batch, seconds, peak in rows:
+            print(f"| {form} | {export_s:.1f} s | {batch} | {seconds * 1e3:.1f} | {peak / 2**20:.0f} MiB |")
     return 0
 
 
