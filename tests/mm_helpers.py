@@ -83,7 +83,8 @@ def published_mparams(config: Path) -> int:
 
 
 def build_model(config: Path, cfg=None):
-    """The model of a det/ or seg/ config, built on the meta device (no memory, no init). Returns
+    """The model of a det/ or seg/ config, built on the meta device (no memory, no init); mmdet's and mmseg's
+    SwinTransformer read their drop-path rates from a tensor, so theirs are built on the CPU. Returns
     (cfg, model)."""
     import torch
     from mmengine.config import Config
@@ -92,7 +93,7 @@ def build_model(config: Path, cfg=None):
     package = "mmdet" if REPO / "det" in config.parents else "mmseg"
     registry = importlib.import_module(f"{package}.registry")
     importlib.import_module(f"{package}.utils").register_all_modules()
-    with torch.device("meta"):
+    with torch.device("cpu" if cfg.model.backbone.type == "SwinTransformer" else "meta"):
         model = registry.MODELS.build(cfg.model)
     return cfg, model
 
@@ -112,3 +113,98 @@ def tool_error(project: str, name: str, argv) -> str:
     message = exit_info.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+def capture_runs(monkeypatch) -> list:
+    """Replaces the Runner of our tools by one that records the config it is given and runs nothing; returns
+    the list the configs go to. The tools' checks before the Runner (files, options) still run."""
+    import elsa_mm.tools
+
+    seen = []
+
+    class Runner:
+        model = None
+
+        @staticmethod
+        def from_cfg(cfg):
+            seen.append(cfg)
+            return Runner()
+
+        def train(self):
+            pass
+
+        def test(self):
+            return {}
+
+    monkeypatch.setattr(elsa_mm.tools, "Runner", Runner)
+    monkeypatch.setattr(elsa_mm.tools, "check_fits", lambda *args: None)
+    return seen
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(project: str, script: str, args, env=None, timeout=900):
+    """bash tools/<script> of det/ or seg/ with a free master port, as a user runs it from the project folder."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PORT=str(free_port()), PYTHON=sys.executable, **(env or {}))
+    return subprocess.run(
+        ["bash", f"tools/{script}", *map(str, args)],
+        cwd=REPO / project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def logged_metrics(work_dir: Path) -> dict:
+    """The metrics of the last test run in work_dir, from the Runner's <timestamp>.json."""
+    files = sorted(p for p in work_dir.glob("*/*.json") if p.stem == p.parent.name)
+    return json.loads(files[-1].read_text().splitlines()[-1])
+
+
+FAKE_SRUN = """#!{python}
+# srun's stand-in: records its arguments, then starts --ntasks processes of the command here, with the
+# variables SLURM gives each task.
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_SRUN_LOG"], "w") as f:
+    json.dump(args, f)
+options, i = {{}}, 0
+while args[i].startswith("-"):
+    if args[i] == "-p":
+        options["-p"], i = args[i + 1], i + 2
+        continue
+    key, _, value = args[i].partition("=")
+    options[key], i = value, i + 1
+tasks, per_node = int(options["--ntasks"]), int(options["--ntasks-per-node"])
+env = dict(os.environ, SLURM_NTASKS=str(tasks), SLURM_NODELIST="localhost", SLURM_JOB_NAME=options["--job-name"])
+procs = [
+    subprocess.Popen(args[i:], env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r % per_node)))
+    for r in range(tasks)
+]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol show hostnames NODELIST, for the one node "localhost"
+echo "$3"
+"""
+
+
+def fake_slurm(tmp_path: Path) -> dict:
+    """A bin folder with stand-ins of srun and scontrol first on PATH; returns the environment to run
+    tools/slurm_*.sh with (srun's arguments go to the file FAKE_SRUN_LOG names)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN.format(python=sys.executable)), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SRUN_LOG=str(tmp_path / "srun_args.json"))
+    env["MASTER_PORT"] = str(free_port())
+    return env

@@ -14,11 +14,15 @@ from mm_data import CLASSES, write_coco  # noqa: E402
 from mm_helpers import (  # noqa: E402
     REPO,
     build_model,
+    capture_runs,
+    fake_slurm,
     falling,
     load_tool,
+    logged_metrics,
     losses,
     num_params,
     published_mparams,
+    run_script,
     run_tool,
     run_upstream,
     scalars,
@@ -369,3 +373,183 @@ def test_train_auto_scale_lr_hands_the_runner_the_published_batch(tmp_path, monk
     bare.write_text(f"_base_ = '{config}'\nauto_scale_lr = None\n")
     message = tool_error("det", "train", [bare, "--auto-scale-lr"])
     assert message.startswith(f"error: --auto-scale-lr: {bare} has no auto_scale_lr"), message
+
+
+MASK_T = REPO / "det" / "configs" / "elsa_swin" / "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py"
+
+
+def test_original_train_flags(tmp_path, monkeypatch):
+    """The original's tools/train.py flags, each on the config the Runner gets."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    seen = capture_runs(monkeypatch)
+    ckpt = tmp_path / "detector.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    train = load_tool("det", "train")
+    train.main([str(MASK_T)])
+    assert seen[-1].get("randomness") is None and seen[-1].val_cfg.type == "ValLoop"
+    assert seen[-1].load_from is None
+    # --options is the original's (deprecated) name of --cfg-options; --gpus 1 is one process's GPU
+    argv = [
+        "--seed",
+        "7",
+        "--deterministic",
+        "--no-validate",
+        "--load-from",
+        ckpt,
+        "--options",
+        "train_cfg.max_epochs=2",
+    ]
+    train.main([str(MASK_T), *map(str, argv), "--gpus", "1"])
+    cfg = seen[-1]
+    assert cfg.randomness == dict(seed=7, deterministic=True)
+    assert cfg.val_cfg is None and cfg.val_dataloader is None and cfg.val_evaluator is None  # no validation loop
+    assert cfg.load_from == str(ckpt) and not cfg.get("resume")
+    assert cfg.train_cfg.max_epochs == 2
+    assert tool_error("det", "train", [MASK_T, "--gpus", "2"]) == (
+        "error: --gpus 2: one process trains on one GPU; train on 2 GPUs with tools/dist_train.sh CONFIG 2"
+    )
+    message = tool_error("det", "train", [MASK_T, "--gpu-ids", "0", "3"])
+    assert "CUDA_VISIBLE_DEVICES=0,3 tools/dist_train.sh CONFIG 2" in message, message
+    message = tool_error("det", "train", [MASK_T, "--load-from", ckpt, "--resume", ckpt])
+    assert message.startswith("error: --load-from and --resume"), message
+    message = tool_error("det", "train", [MASK_T, "--load-from", tmp_path / "nope.pth"])
+    assert "nope.pth does not exist" in message, message
+    message = tool_error("det", "train", [MASK_T, "--options", "a=1", "--cfg-options", "b=2"])
+    assert message.startswith("error: --options is the original's name of --cfg-options"), message
+
+
+def test_original_test_flags(tmp_path, monkeypatch):
+    """The original's tools/test.py flags, each on the config the Runner gets."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    seen = capture_runs(monkeypatch)
+    ckpt = tmp_path / "detector.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    test = load_tool("det", "test")
+    argv = [MASK_T, ckpt, "--format-only", "--eval-options", "jsonfile_prefix=out/coco", "classwise=True"]
+    test.main([*map(str, argv), "--show-dir", "pictures", "--show-score-thr", "0.5", "--fuse-conv-bn"])
+    cfg = seen[-1]
+    (evaluator,) = cfg.test_evaluator
+    assert evaluator.type == "CocoMetric" and evaluator.format_only is True
+    assert evaluator.outfile_prefix == "out/coco" and evaluator.classwise is True
+    hook = cfg.default_hooks.visualization
+    assert hook.draw is True and hook.test_out_dir == str(tmp_path / "pictures") and hook.score_thr == 0.5
+    assert hook.get("show", False) is False
+    assert dict(type="FuseConvBNHook") in cfg.custom_hooks
+    # --format-only alone writes to the work dir; --options is the original's name of --eval-options here
+    test.main([str(MASK_T), str(ckpt), "--format-only", "--work-dir", "w", "--options", "classwise=True", "--show"])
+    (evaluator,) = seen[-1].test_evaluator
+    assert evaluator.outfile_prefix == "w/results" and evaluator.classwise is True
+    assert seen[-1].default_hooks.visualization.show is True
+    test.main([str(MASK_T), str(ckpt), "--gpu-collect"])
+    assert dict(type="CollectResultsHook", device="gpu", tmpdir=None) in seen[-1].custom_hooks
+    test.main([str(MASK_T), str(ckpt), "--tmpdir", "parts"])
+    assert dict(type="CollectResultsHook", device="cpu", tmpdir="parts") in seen[-1].custom_hooks
+    for argv, start in [
+        (["--eval", "bbox", "--format-only"], "error: --eval and --format-only"),
+        (["--eval-options", "jsonfile=x"], "error: --eval-options jsonfile: CocoMetric takes ann_file, metric"),
+        (["--gpu-collect", "--tmpdir", "t"], "error: --gpu-collect and --tmpdir"),
+        (["--out", "results.json"], "error: --out results.json: the predictions are written as a pickle"),
+        (["--options", "a=1", "--eval-options", "b=2"], "error: --options is the original's name of --eval-options"),
+    ]:
+        message = tool_error("det", "test", [MASK_T, ckpt, *argv])
+        assert message.startswith(start), message
+
+
+def test_fuse_conv_bn_hook_keeps_the_outputs():
+    """--fuse-conv-bn's hook folds every BatchNorm of the (wrapped) model into its convolution before the
+    test; the outputs stay."""
+    from types import SimpleNamespace
+
+    from mmcv.cnn import ConvModule
+
+    from elsa_mm import FuseConvBNHook
+
+    model = torch.nn.Sequential(*[ConvModule(4, 4, 3, padding=1, norm_cfg=dict(type="BN")) for _ in range(3)])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 4, 8, 8)
+    want = model(x)
+    FuseConvBNHook().before_test(SimpleNamespace(model=model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_collect_results_hook_sets_every_metric():
+    from types import SimpleNamespace
+
+    from elsa_mm import CollectResultsHook
+
+    metrics = [SimpleNamespace(collect_device="cpu", collect_dir=None) for _ in range(2)]
+    runner = SimpleNamespace(test_loop=SimpleNamespace(evaluator=SimpleNamespace(metrics=metrics)))
+    CollectResultsHook(device="cpu", tmpdir="parts").before_test(runner)
+    assert [(m.collect_device, m.collect_dir) for m in metrics] == [("cpu", "parts")] * 2
+    CollectResultsHook(device="gpu").before_test(runner)
+    assert [(m.collect_device, m.collect_dir) for m in metrics] == [("gpu", None)] * 2
+    with pytest.raises(ValueError, match="a tmpdir goes only with device='cpu'"):
+        CollectResultsHook(device="gpu", tmpdir="parts")
+
+
+# The small configs, smaller: what the distributed runs need is the processes, not the model. A narrow
+# ELSA-Swin, and 64 RoIs (not 512) a training image, 100 proposals (not 1000) a test image.
+NARROW = [
+    "model.backbone.embed_dim=32",
+    "model.backbone.depths=[2,2,2,2]",
+    "model.backbone.num_heads=[1,2,4,8]",
+    "model.neck.in_channels=[32,64,128,256]",
+    "model.train_cfg.rpn_proposal.max_per_img=100",
+    "model.train_cfg.rcnn.sampler.num=64",
+    "model.test_cfg.rpn.max_per_img=100",
+]
+
+
+@pytest.mark.slow
+def test_distributed_train_and_test_on_cpu(tmp_path):
+    """tools/slurm_train.sh (srun and scontrol stood in for), then tools/dist_test.sh, 2 processes each on
+    CPUs; the 2-process test scores as the 1-process one, whose --show-dir pictures are written."""
+    config = small_config(tmp_path, "mask-rcnn_elsa-swin-t_fpn_ms-crop-1x_coco.py", epochs=1)
+    two_classes = ["model.roi_head.bbox_head.num_classes=2", "model.roi_head.mask_head.num_classes=2"]
+    options = ["--cfg-options", *NARROW, *two_classes]
+    work = tmp_path / "work"
+    env = fake_slurm(tmp_path)
+    env.update(GPUS="2", GPUS_PER_NODE="2", CPUS_PER_TASK="1", SRUN_ARGS="--quotatype=auto")
+    r = run_script("det", "slurm_train.sh", ["cpus", "elsa", config, work, "--seed", "0", *options], env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    srun_args = json.loads((tmp_path / "srun_args.json").read_text())
+    tool = str(REPO / "det" / "tools" / "train.py")
+    assert srun_args[:9] == [
+        "-p",
+        "cpus",
+        "--job-name=elsa",
+        "--gres=gpu:2",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--kill-on-bad-exit=1",
+        "--quotatype=auto",
+    ]
+    assert srun_args[10:14] == ["-u", tool, str(config), "--work-dir"] and srun_args[-2:] == ["--launcher", "slurm"]
+    assert len(losses(work)) == 2  # 8 images, 2 processes x 2 images a step
+    ckpt = work / "epoch_1.pth"
+    r = run_script("det", "dist_test.sh", [config, ckpt, 2, "--work-dir", tmp_path / "dist", *options])
+    assert r.returncode == 0, r.stderr[-4000:]
+    distributed = logged_metrics(tmp_path / "dist")
+    single = load_tool("det", "test").main(
+        [
+            str(config),
+            str(ckpt),
+            "--work-dir",
+            str(tmp_path / "single"),
+            "--show-dir",
+            str(tmp_path / "pictures"),
+            *options,
+        ]
+    )
+    assert "coco/bbox_mAP" in single and "coco/segm_mAP" in single
+    assert {k: v for k, v in distributed.items() if k.startswith("coco/")} == single
+    assert len(list((tmp_path / "pictures").glob("*.jpg"))) == 4  # --show-dir: one picture per image

@@ -1,5 +1,6 @@
 """seg: the ELSA-Swin backbone in mmsegmentation, the UPerNet configs, and train -> test (+TTA) -> resume."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,15 @@ from mm_data import SEG_CLASSES, write_ade  # noqa: E402
 from mm_helpers import (  # noqa: E402
     REPO,
     build_model,
+    capture_runs,
+    fake_slurm,
     falling,
     load_tool,
+    logged_metrics,
     losses,
     num_params,
     published_mparams,
+    run_script,
     run_tool,
     run_upstream,
     scalars,
@@ -193,3 +198,73 @@ def test_train_auto_scale_lr(tmp_path, monkeypatch):
     unique = ["--cfg-options", f"visualizer.name=auto_scale_lr_{tmp_path.name}"]
     load_tool("seg", "train").main([str(config), "--work-dir", str(work), "--auto-scale-lr", *unique])
     assert scalars(work, "lr")[-1] == pytest.approx(3e-4 * 2 / 16)
+
+
+UPERNET_T = REPO / "seg" / "configs" / "elsa_swin" / "upernet_elsa-swin-t_8xb2-160k_ade20k-512x512.py"
+
+
+def test_original_flags(tmp_path, monkeypatch):
+    """The original's seg tools/train.py --load-from and tools/test.py flags, each on the config the Runner
+    gets (the flags the det tools share are tested there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    seen = capture_runs(monkeypatch)
+    ckpt = tmp_path / "segmentor.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    load_tool("seg", "train").main([str(UPERNET_T), "--load-from", str(ckpt), "--no-validate", "--seed", "3"])
+    cfg = seen[-1]
+    assert cfg.load_from == str(ckpt) and cfg.val_cfg is None and cfg.randomness.seed == 3
+    test = load_tool("seg", "test")
+    # seg's --options is the original's config options; imgfile_prefix is mmseg's output_dir
+    test.main(
+        [str(UPERNET_T), str(ckpt), "--options", "test_dataloader.num_workers=1", "--format-only"]
+        + ["--eval-options", "imgfile_prefix=labels", "efficient_test=True", "--show-dir", "pictures"]
+    )
+    cfg = seen[-1]
+    (evaluator,) = cfg.test_evaluator
+    assert evaluator.type == "IoUMetric" and evaluator.format_only is True and evaluator.output_dir == "labels"
+    assert cfg.test_dataloader.num_workers == 1
+    hook = cfg.default_hooks.visualization
+    assert hook.type == "SegVisualizationHook" and hook.draw is True and hook.test_out_dir == str(tmp_path / "pictures")
+    test.main([str(UPERNET_T), str(ckpt), "--format-only", "--work-dir", "w"])
+    assert seen[-1].test_evaluator[0].output_dir == "w/format_results"
+    message = tool_error("seg", "test", [UPERNET_T, ckpt, "--eval-options", "nan_to_num=0", "beta=2", "pre=x"])
+    assert message.startswith("error: --eval-options pre: IoUMetric takes ignore_index, iou_metrics"), message
+    message = tool_error("seg", "test", [UPERNET_T, ckpt, "--eval", "mIoU", "--format-only"])
+    assert message.startswith("error: --eval and --format-only"), message
+
+
+@pytest.mark.slow
+def test_distributed_train_and_test_on_cpu(tmp_path):
+    """tools/dist_train.sh, then tools/dist_test.sh and tools/slurm_test.sh (srun and scontrol stood in for),
+    2 processes each on CPUs; the 2-process tests score as the 1-process one. The UPerNet heads' SyncBN runs
+    as BN."""
+    config = small_config(tmp_path, iters=2, ckpt=2)
+    sync = ["--cfg-options", "model.decode_head.norm_cfg.type=SyncBN", "model.auxiliary_head.norm_cfg.type=SyncBN"]
+    work = tmp_path / "work"
+    r = run_script("seg", "dist_train.sh", [config, 2, "--work-dir", work, *sync])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "the model's 2 SyncBN norm configs build BN" in r.stdout + r.stderr
+    assert len(losses(work)) == 2
+    ckpt = work / "iter_2.pth"
+    r = run_script("seg", "dist_test.sh", [config, ckpt, 2, "--work-dir", tmp_path / "dist", *sync])
+    assert r.returncode == 0, r.stderr[-4000:]
+    env = dict(fake_slurm(tmp_path), GPUS="2", GPUS_PER_NODE="2")
+    r = run_script("seg", "slurm_test.sh", ["cpus", "test", config, ckpt, "--work-dir", tmp_path / "slurm"], env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    srun_args = json.loads((tmp_path / "srun_args.json").read_text())
+    assert srun_args[:8] == ["-p", "cpus", "--job-name=test", "--gres=gpu:2", "--ntasks=2"] + [
+        "--ntasks-per-node=2",
+        "--cpus-per-task=5",
+        "--kill-on-bad-exit=1",
+    ]
+    assert srun_args[9:] == ["-u", str(REPO / "seg" / "tools" / "test.py"), str(config), str(ckpt)] + [
+        "--work-dir",
+        str(tmp_path / "slurm"),
+        "--launcher",
+        "slurm",
+    ]
+    single = load_tool("seg", "test").main([str(config), str(ckpt), "--work-dir", str(tmp_path / "single"), *sync])
+    assert "mIoU" in single
+    for work_dir in (tmp_path / "dist", tmp_path / "slurm"):
+        assert {k: v for k, v in logged_metrics(work_dir).items() if k in single} == single

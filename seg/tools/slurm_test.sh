@@ -1,0 +1,1 @@
+../../det/tools/slurm_test.sh
