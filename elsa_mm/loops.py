@@ -22,7 +22,7 @@ from mmengine.runner.loops import _update_losses
 def is_multi_view(data_batch) -> bool:
     """Whether a collated batch holds several views of each image (a ``TestTimeAug`` pipeline)."""
     inputs = data_batch.get("inputs") if isinstance(data_batch, dict) else None
-    return isinstance(inputs, list) and len(inputs) > 0 and isinstance(inputs[0], list)
+    return isinstance(inputs, list | tuple) and len(inputs) > 0 and isinstance(inputs[0], list | tuple)
 
 
 class _MultiViewSteps:

@@ -48,6 +48,22 @@ ORIGINAL_CONFIG = {
     "upernet_elsa-swin-s_8xb2-160k_ade20k-512x512": "upernet_elsa_small_160k",
     "upernet_elsa-swin-b_8xb2-160k_ade20k-512x512": None,
 }
+# The Swin baselines: the original's configs/swin/ (det: mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_adamw_1x_coco,
+# cascade_mask_rcnn_swin_..._giou_4conv1f_adamw_3x_coco; seg: upernet_swin_tiny_patch4_window7_512x512_160k_ade20k),
+# the ELSA-Swin recipe with mmdet's / mmseg's SwinTransformer.
+SWIN_ORIGINAL_CONFIG = {
+    "mask-rcnn_swin-t_fpn_ms-crop-1x_coco": "mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_adamw_1x_coco",
+    "mask-rcnn_swin-t_fpn_ms-crop-3x_coco": "mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_adamw_3x_coco",
+    "mask-rcnn_swin-s_fpn_ms-crop-3x_coco": "mask_rcnn_swin_small_patch4_window7_mstrain_480-800_adamw_3x_coco",
+    "cascade-mask-rcnn_swin-t_fpn_ms-crop-1x_coco": "cascade_mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_1x_coco",
+    "cascade-mask-rcnn_swin-t_fpn_ms-crop-3x_coco": "cascade_mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco",
+    "cascade-mask-rcnn_swin-s_fpn_ms-crop-3x_coco": "cascade_mask_rcnn_swin_small_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco",
+    "cascade-mask-rcnn_swin-b_fpn_ms-crop-3x_coco": "cascade_mask_rcnn_swin_base_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco",
+    "upernet_swin-t_8xb2-160k_ade20k-512x512": "upernet_swin_tiny_patch4_window7_512x512_160k_ade20k",
+    "upernet_swin-s_8xb2-160k_ade20k-512x512": "upernet_swin_small_patch4_window7_512x512_160k_ade20k",
+    "upernet_swin-b_8xb2-160k_ade20k-512x512": "upernet_swin_base_patch4_window7_512x512_160k_ade20k",
+}
+ORIGINAL_CONFIG.update(SWIN_ORIGINAL_CONFIG)
 
 # ----------------------------------------------------------------------------------------------------------
 # Per model: the values that differ between configs. Source: the original config of ORIGINAL_CONFIG
@@ -70,6 +86,18 @@ PER_MODEL = {
     "upernet_elsa-swin-t_8xb2-160k_ade20k-512x512": dict(T, drop_path=0.3, iters=160000),
     "upernet_elsa-swin-s_8xb2-160k_ade20k-512x512": dict(S, drop_path=0.3, iters=160000),
     "upernet_elsa-swin-b_8xb2-160k_ade20k-512x512": dict(B, drop_path=0.3, iters=160000),
+    # The Swin baselines: backbone.embed_dim / depths / num_heads / drop_path_rate, lr_config.step and
+    # runner.max_epochs of the original's configs/swin/ files.
+    "mask-rcnn_swin-t_fpn_ms-crop-1x_coco": dict(T, drop_path=0.1, epochs=12, steps=(8, 11)),
+    "mask-rcnn_swin-t_fpn_ms-crop-3x_coco": dict(T, drop_path=0.2, epochs=36, steps=(27, 33)),
+    "mask-rcnn_swin-s_fpn_ms-crop-3x_coco": dict(S, drop_path=0.2, epochs=36, steps=(27, 33)),
+    "cascade-mask-rcnn_swin-t_fpn_ms-crop-1x_coco": dict(T, drop_path=0.0, epochs=12, steps=(8, 11)),
+    "cascade-mask-rcnn_swin-t_fpn_ms-crop-3x_coco": dict(T, drop_path=0.2, epochs=36, steps=(27, 33)),
+    "cascade-mask-rcnn_swin-s_fpn_ms-crop-3x_coco": dict(S, drop_path=0.2, epochs=36, steps=(27, 33)),
+    "cascade-mask-rcnn_swin-b_fpn_ms-crop-3x_coco": dict(B, drop_path=0.3, epochs=36, steps=(27, 33)),
+    "upernet_swin-t_8xb2-160k_ade20k-512x512": dict(T, drop_path=0.3, iters=160000),
+    "upernet_swin-s_8xb2-160k_ade20k-512x512": dict(S, drop_path=0.3, iters=160000),
+    "upernet_swin-b_8xb2-160k_ade20k-512x512": dict(B, drop_path=0.3, iters=160000),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +211,8 @@ SEG = {
     "test_scale": ((2048, 512), f"{SEG_DATASET}: test_pipeline MultiScaleFlipAug(img_scale=(2048, 512))"),
     "tta_ratios": (
         (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
-        f"{SEG_DATASET}: img_ratios; {SEG_TEST_TOOL}: --aug-test sets these ratios and flip=True",
+        f"{SEG_DATASET}: test_pipeline img_ratios (validation and test, no flip); {SEG_TEST_TOOL}: --aug-test "
+        "sets these ratios and flip=True",
     ),
     "mean_std_rgb": (DET["mean_std_rgb"][0], f"{SEG_DATASET}: img_norm_cfg"),
 }
@@ -200,18 +229,21 @@ DELIBERATE = {
         f"{DET_BACKBONE}: WindowAttention.rb",
     ),
     "det_mixed_precision": (
-        "The original trains detection in apex O1 mixed precision; ours uses torch.amp (AmpOptimWrapper).",
+        "The original trains detection in apex O1 mixed precision; ours uses torch.amp (AmpOptimWrapper). O1 "
+        "patched torch for the whole process, so its validation after each epoch ran in mixed precision too: "
+        "ours does when training does (AmpValidationHook); its test tool ran in float32, as ours.",
         f"{DET_CONFIG}: optimizer_config use_fp16=True; {DET_TRAIN_API}: apex.amp.initialize(opt_level='O1')",
-    ),
-    "seg_single_scale_test": (
-        "Without --aug-test, the original still ran its config's six ratios (no flip); ours tests single-scale "
-        "at (2048, 512). With --aug-test (the published numbers) both run six ratios plus flip.",
-        f"{SEG_DATASET}: test_pipeline img_ratios; {SEG_TEST_TOOL}",
     ),
 }
 
-DET_CONFIGS = sorted((REPO / "det" / "configs" / "elsa_swin").glob("*.py"))
-SEG_CONFIGS = sorted((REPO / "seg" / "configs" / "elsa_swin").glob("*.py"))
+ELSA_CONFIGS = sorted((REPO / "det" / "configs" / "elsa_swin").glob("*.py")) + sorted(
+    (REPO / "seg" / "configs" / "elsa_swin").glob("*.py")
+)
+SWIN_CONFIGS = sorted((REPO / "det" / "configs" / "swin").glob("*.py")) + sorted(
+    (REPO / "seg" / "configs" / "swin").glob("*.py")
+)
+DET_CONFIGS = [p for p in ELSA_CONFIGS + SWIN_CONFIGS if p.parents[2].name == "det"]
+SEG_CONFIGS = [p for p in ELSA_CONFIGS + SWIN_CONFIGS if p.parents[2].name == "seg"]
 ALL_CONFIGS = DET_CONFIGS + SEG_CONFIGS
 
 
@@ -228,6 +260,7 @@ def built(request):
 
 def test_every_config_is_in_the_table():
     assert sorted(p.stem for p in ALL_CONFIGS) == sorted(ORIGINAL_CONFIG) == sorted(PER_MODEL)
+    assert sorted(p.stem for p in SWIN_CONFIGS) == sorted(SWIN_ORIGINAL_CONFIG)
 
 
 def _transform(pipeline, type_: str) -> dict:
@@ -246,6 +279,9 @@ def test_backbone_hyper_parameters(built):
     from elsa_op import ELSAAttention
 
     config, cfg, model = built
+    if config in SWIN_CONFIGS:
+        _check_swin_backbone(config, cfg, model)
+        return
     want = PER_MODEL[config.stem]
     backbone = model.backbone
     assert cfg.model.backbone.type == "ELSASwin"
@@ -283,16 +319,27 @@ def test_backbone_hyper_parameters(built):
                 assert (attn.qkv.bias is not None) == value(BACKBONE, "qkv_bias")
 
 
+def _drop_paths(block) -> list:
+    """A block's two drop-path layers: ELSA-Swin's (timm's names), or mmdet's / mmseg's Swin's."""
+    if hasattr(block, "drop_path1"):
+        return [block.drop_path1, block.drop_path2]
+    return [block.attn.drop, block.ffn.dropout_layer]
+
+
+def _stages(backbone) -> list:
+    return list(backbone.layers if hasattr(backbone, "layers") else backbone.stages)
+
+
 def test_drop_path(built):
     """One rate per block, rising linearly from 0 over all blocks to the config's rate."""
     config, cfg, model = built
     want = PER_MODEL[config.stem]
     assert cfg.model.backbone.drop_path_rate == want["drop_path"]
     rates = [
-        getattr(getattr(block, name), "drop_prob", 0.0)
-        for stage in model.backbone.layers
+        getattr(layer, "drop_prob", 0.0)
+        for stage in _stages(model.backbone)
         for block in stage.blocks
-        for name in ("drop_path1", "drop_path2")
+        for layer in _drop_paths(block)
     ]
     expected = torch.linspace(0, want["drop_path"], sum(want["depths"])).repeat_interleave(2).tolist()
     assert rates == pytest.approx(expected)
@@ -301,7 +348,8 @@ def test_drop_path(built):
 def test_weight_decay_groups(built):
     """mmengine's optimizer constructor with the config's custom keys: in the backbone exactly the LayerNorm
     parameters go without weight decay, as in the original (its norms all have "norm" in their names), plus
-    stage 4's relative-position tables (DELIBERATE: the original's are named `rb` and decayed)."""
+    the relative-position tables: ELSA-Swin's of stage 4 (DELIBERATE: the original's are named `rb` and
+    decayed), Swin's of every stage (the original's too)."""
     from mmengine.optim import DefaultOptimWrapperConstructor
 
     config, cfg, model = built
@@ -311,13 +359,90 @@ def test_weight_decay_groups(built):
     wrapper = DefaultOptimWrapperConstructor(wrapper_cfg, paramwise)(model)
     decay = {id(p): group["weight_decay"] for group in wrapper.optimizer.param_groups for p in group["params"]}
     norms = {id(p) for m in model.backbone.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
-    last = model.backbone.layers[-1]
-    tables = {id(b.attn.relative_position_bias_table) for b in last.blocks}
+    swin = config in SWIN_CONFIGS
+    stages = _stages(model.backbone) if swin else _stages(model.backbone)[-1:]
+    tables = {id(b.attn.w_msa.relative_position_bias_table if swin else b.attn.relative_position_bias_table)
+              for stage in stages for b in stage.blocks}  # fmt: skip
     wd = cfg.optim_wrapper.optimizer.weight_decay
     for name, p in model.backbone.named_parameters():
         want = 0.0 if id(p) in norms | tables else wd
         assert decay[id(p)] == want, name
-    assert len(tables) == sum(PER_MODEL[config.stem]["depths"][-1:])
+    assert len(tables) == sum(PER_MODEL[config.stem]["depths"][slice(None) if swin else slice(-1, None)])
+
+
+def _check_swin_backbone(config, cfg, model) -> None:
+    """The Swin baselines: mmdet's / mmseg's SwinTransformer with the sizes of the original's configs/swin/
+    (embed_dim, depths, num_heads; window 7, MLP ratio 4, qkv bias, q*k scaled by head_dim ** -0.5, no
+    absolute position embedding)."""
+    want = PER_MODEL[config.stem]
+    backbone = model.backbone
+    assert cfg.model.backbone.type == "SwinTransformer" and not backbone.use_abs_pos_embed
+    assert backbone.patch_embed.projection.kernel_size == (value(BACKBONE, "patch_size"),) * 2
+    assert backbone.patch_embed.projection.out_channels == want["embed_dim"]
+    assert tuple(backbone.out_indices) == value(BACKBONE, "out_indices")
+    assert tuple(len(stage.blocks) for stage in backbone.stages) == want["depths"]
+    for i, stage in enumerate(backbone.stages):
+        dim, heads = want["embed_dim"] * 2**i, want["num_heads"][i]
+        for block in stage.blocks:
+            attn = block.attn.w_msa
+            assert attn.num_heads == heads and tuple(attn.window_size) == (value(BACKBONE, "window_size"),) * 2
+            assert attn.scale == pytest.approx((dim // heads) ** -0.5)
+            assert (attn.qkv.bias is not None) == value(BACKBONE, "qkv_bias")
+            assert block.ffn.layers[0][0].out_features == dim * value(BACKBONE, "mlp_ratio")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the configs say: every top-level variable is one the Runner, mmdet / mmseg or their tools read, or
+# a variable of mmdet's / mmseg's dataset bases that holds what the config uses.
+
+READ_BY_THE_RUNNER = {
+    "model", "work_dir", "train_dataloader", "val_dataloader", "test_dataloader", "train_cfg", "val_cfg",
+    "test_cfg", "auto_scale_lr", "optim_wrapper", "param_scheduler", "val_evaluator", "test_evaluator",
+    "default_hooks", "custom_hooks", "load_from", "resume", "launcher", "env_cfg", "log_processor", "log_level",
+    "visualizer", "vis_backends", "default_scope", "randomness", "custom_imports", "tta_model", "tta_pipeline",
+}  # fmt: skip
+# The variables of mmdet's and mmseg's bases: the dataset's, and mmseg's model base's norms (the heads'
+# norm_cfg, and backbone_norm_cfg: LayerNorm, which both the ELSA-Swin and the Swin backbones use).
+DATASET_VARIABLES = {
+    "dataset_type", "data_root", "backend_args", "crop_size", "data_preprocessor", "norm_cfg", "img_ratios",
+    "backbone_norm_cfg",
+}  # fmt: skip
+
+
+def unscoped(node):
+    """A config value without the ``_scope_`` mmengine writes into what a config takes from mmdet's / mmseg's
+    files."""
+    if isinstance(node, dict):
+        return {k: unscoped(v) for k, v in node.items() if k != "_scope_"}
+    return [unscoped(v) for v in node] if isinstance(node, list | tuple) else node
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: p.stem)
+def test_config_variables_are_what_it_uses(config):
+    """train_pipeline / test_pipeline are the pipelines the dataloaders run (mmdet's browse_dataset.py and
+    every other reader of cfg.train_pipeline see the real one), and no optimizer, checkpoint or recipe variable
+    is left that nothing uses."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config))
+
+    assert unscoped(cfg.train_pipeline) == unscoped(cfg.train_dataloader.dataset.pipeline)
+    test = unscoped(cfg.test_pipeline)
+    assert test == unscoped(cfg.val_dataloader.dataset.pipeline) == unscoped(cfg.test_dataloader.dataset.pipeline)
+    extra = set(cfg) - READ_BY_THE_RUNNER - DATASET_VARIABLES - {"train_pipeline", "test_pipeline", "optimizer"}
+    assert extra == set(), extra
+    if "optimizer" in cfg:  # mmseg's schedule base names the optimizer of its optim_wrapper
+        assert unscoped(cfg.optimizer) == unscoped(cfg.optim_wrapper.optimizer)
+    if "norm_cfg" in cfg:  # mmseg's model base: the norm of both heads
+        norms = (cfg.norm_cfg, cfg.model.decode_head.norm_cfg, cfg.model.auxiliary_head.norm_cfg)
+        assert unscoped(norms[0]) == unscoped(norms[1]) == unscoped(norms[2])
+    if "data_preprocessor" in cfg:
+        assert unscoped(cfg.data_preprocessor).items() <= unscoped(cfg.model.data_preprocessor).items()
+    if "backbone_norm_cfg" in cfg:
+        assert (
+            cfg.backbone_norm_cfg.type == "LN"
+            and cfg.model.backbone.get("norm_cfg", cfg.backbone_norm_cfg).type == "LN"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -505,18 +630,19 @@ def test_seg_data(config):
     pre = cfg.model.data_preprocessor
     assert dict(size=tuple(pre.size), pad_val=pre.pad_val, seg_pad_val=pre.seg_pad_val) == value(SEG, "pad")
     assert (pre.mean, pre.std, pre.bgr_to_rgb) == value(SEG, "mean_std_rgb")
-    # single-scale test: fit (2048, 512), keeping the aspect ratio
-    test = cfg.test_dataloader.dataset.pipeline
-    resize = _transform(test, "Resize")
-    assert tuple(resize.scale) == value(SEG, "test_scale") and resize.keep_ratio
-    assert _sizes_after([resize], SIZES) == [_fit(h, w, value(SEG, "test_scale")) for h, w in SIZES]
+    # validation and the default test run the multi-scale views of test_seg_test_time_augmentation (without
+    # flips) through loops that merge them (DELIBERATE: none left; the original's single-scale Resize was
+    # wrapped in its MultiScaleFlipAug with six ratios)
+    assert cfg.val_cfg.type == "MultiViewValLoop" and cfg.test_cfg.type == "MultiViewTestLoop"
 
 
+@pytest.mark.parametrize("flip", [False, True], ids=["test", "aug-test"])
 @pytest.mark.parametrize("config", SEG_CONFIGS, ids=lambda p: p.stem)
-def test_seg_test_time_augmentation(config, tmp_path):
-    """The config's tta_pipeline (what --aug-test and mmseg's --tta run), from image files: at each ratio r
-    the image fits (2048 r, 512 r) keeping its aspect ratio, as the original's
-    MultiScaleFlipAug(img_scale=(2048, 512), img_ratios=...) made it, once as it is and once flipped."""
+def test_seg_test_time_augmentation(config, flip, tmp_path):
+    """The config's test pipeline (validation, tools/test.py) and tta_pipeline (what --aug-test and mmseg's
+    --tta run), from image files: at each ratio r the image fits (2048 r, 512 r) keeping its aspect ratio,
+    as the original's MultiScaleFlipAug(img_scale=(2048, 512), img_ratios=...) made it; with --aug-test
+    once as it is and once flipped."""
     from mmcv.transforms import Compose
     from mmengine.config import Config
     from mmseg.utils import register_all_modules
@@ -525,7 +651,7 @@ def test_seg_test_time_augmentation(config, tmp_path):
     register_all_modules()
     cfg = Config.fromfile(str(config))
     assert cfg.tta_model.type == "SegTTAModel"
-    pipeline = Compose(cfg.tta_pipeline)
+    pipeline = Compose(cfg.tta_pipeline if flip else cfg.test_dataloader.dataset.pipeline)
     scale, ratios = value(SEG, "test_scale"), value(SEG, "tta_ratios")
     for h, w in [(256, 256), (512, 683), (1024, 2048)]:
         image, label = tmp_path / f"{h}x{w}.jpg", tmp_path / f"{h}x{w}.png"
@@ -533,12 +659,10 @@ def test_seg_test_time_augmentation(config, tmp_path):
         Image.new("L", (w, h), 3).save(label)
         results = pipeline(dict(img_path=str(image), seg_map_path=str(label), reduce_zero_label=True, seg_fields=[]))
         got = sorted(
-            (tuple(x.shape[-2:]), s.metainfo["flip"])
+            (tuple(x.shape[-2:]), s.metainfo.get("flip", False))
             for x, s in zip(results["inputs"], results["data_samples"], strict=True)
         )
-        want = sorted(
-            (_fit(h, w, (int(scale[0] * r), int(scale[1] * r))), flip) for r in ratios for flip in (False, True)
-        )
+        want = sorted((_fit(h, w, (int(scale[0] * r), int(scale[1] * r))), f) for r in ratios for f in {False, flip})
         assert got == want, (h, w)
         # the label stays at the image's own size: predictions are scored there
         assert all(tuple(s.gt_sem_seg.data.shape[-2:]) == (h, w) for s in results["data_samples"])
@@ -554,7 +678,9 @@ def test_det_heads(config):
 
     cfg = Config.fromfile(str(config))
     model = cfg.model
-    assert {k: model.neck[k] for k in ("type", "in_channels", "out_channels", "num_outs")} == value(DET, "neck")
+    dims = [PER_MODEL[config.stem]["embed_dim"] * 2**i for i in range(4)]  # [96, ..., 768]; Swin-B 128, ...
+    neck = {k: model.neck[k] for k in ("type", "in_channels", "out_channels", "num_outs")}
+    assert neck == dict(value(DET, "neck"), in_channels=dims)
     rpn, rcnn = model.test_cfg.rpn, model.test_cfg.rcnn
     assert dict(nms_pre=rpn.nms_pre, max_per_img=rpn.max_per_img, iou_threshold=rpn.nms.iou_threshold) == value(
         DET, "rpn_test"

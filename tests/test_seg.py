@@ -234,6 +234,19 @@ def test_original_flags(tmp_path, monkeypatch):
     assert message.startswith("error: --eval and --format-only"), message
 
 
+TWO_VIEWS = """
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug', transforms=[
+        [dict(type='Resize', scale=(96, 80), keep_ratio=True), dict(type='Resize', scale=(96, 80), keep_ratio=True)],
+        [dict(type='LoadAnnotations', reduce_zero_label=True)],
+        [dict(type='PackSegInputs')],
+    ]),
+]
+test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+"""
+
+
 @pytest.mark.slow
 def test_distributed_train_and_test_on_cpu(tmp_path):
     """tools/dist_train.sh, then tools/dist_test.sh and tools/slurm_test.sh (srun and scontrol stood in for),
@@ -268,3 +281,9 @@ def test_distributed_train_and_test_on_cpu(tmp_path):
     assert "mIoU" in single
     for work_dir in (tmp_path / "dist", tmp_path / "slurm"):
         assert {k: v for k, v in logged_metrics(work_dir).items() if k in single} == single
+    # The configs' multi-scale test (several views of each image through MultiViewTestLoop): with two views
+    # that are the single-scale one, the averaged probabilities give the single-scale labels.
+    views = tmp_path / "two_views.py"
+    views.write_text(f"_base_ = '{config}'\n" + TWO_VIEWS)
+    merged = load_tool("seg", "test").main([str(views), str(ckpt), "--work-dir", str(tmp_path / "views")])
+    assert merged == single

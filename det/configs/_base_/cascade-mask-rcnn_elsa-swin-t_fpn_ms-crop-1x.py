@@ -1,18 +1,39 @@
-# Cascade Mask R-CNN (mmdet's) with the ELSA-Swin-T backbone and recipe, Swin's 4conv1fc GIoU heads, 1x.
-_base_ = [
-    "mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py",
-    "./elsa_swin_recipe.py",
-    "./cascade_4conv1fc_giou.py",
-]
+# Cascade Mask R-CNN (mmdet's) with the ELSA-Swin-T backbone and the recipe, 1x schedule, and Swin's cascade
+# heads: 4 shared convs (SyncBN) + 1 fc, GIoU loss x10 on decoded boxes, one target std per stage.
+_base_ = ["mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py", "./elsa_swin_recipe.py"]
 model = dict(
-    backbone={{_base_.elsa_backbone}},
-    neck=dict(in_channels={{_base_.elsa_neck_channels}}),
-    roi_head=dict(bbox_head={{_base_.elsa_cascade_bbox_heads}}),
+    backbone=dict(
+        _delete_=True,
+        type="ELSASwin",
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        group_width=4,
+        drop_path_rate=0.2,
+        use_checkpoint=False,
+        out_indices=(0, 1, 2, 3),
+    ),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+    roi_head=dict(
+        bbox_head=[
+            dict(
+                type="ConvFCBBoxHead",
+                num_shared_convs=4,
+                num_shared_fcs=1,
+                in_channels=256,
+                conv_out_channels=256,
+                fc_out_channels=1024,
+                roi_feat_size=7,
+                num_classes=80,
+                bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0, 0.0, 0.0, 0.0], target_stds=stds),
+                reg_class_agnostic=False,
+                reg_decoded_bbox=True,
+                norm_cfg=dict(type="SyncBN", requires_grad=True),
+                loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+                loss_bbox=dict(type="GIoULoss", loss_weight=10.0),
+            )
+            for stds in ([0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067])
+        ]
+    ),
 )
-train_dataloader = dict(dataset=dict(pipeline={{_base_.elsa_train_pipeline}}))
-optim_wrapper = {{_base_.elsa_optim_wrapper}}
-train_cfg = dict(max_epochs=12)
-param_scheduler = {{_base_.elsa_schedule_1x}}
-# The published models were trained with 16 images per step (8 GPUs x 2): on fewer GPUs, --auto-scale-lr
-# scales the learning rate by (GPUs x 2) / 16.
-auto_scale_lr = dict(enable=False, base_batch_size=16)

@@ -1,10 +1,17 @@
-# Mask R-CNN (mmdet's) with the ELSA-Swin-T backbone and recipe, 1x schedule.
-_base_ = ["mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", "./elsa_swin_recipe.py"]
-model = dict(backbone={{_base_.elsa_backbone}}, neck=dict(in_channels={{_base_.elsa_neck_channels}}))
-train_dataloader = dict(dataset=dict(pipeline={{_base_.elsa_train_pipeline}}))
-optim_wrapper = {{_base_.elsa_optim_wrapper}}
-train_cfg = dict(max_epochs=12)
-param_scheduler = {{_base_.elsa_schedule_1x}}
-# The published models were trained with 16 images per step (8 GPUs x 2): on fewer GPUs, --auto-scale-lr
-# scales the learning rate by (GPUs x 2) / 16.
-auto_scale_lr = dict(enable=False, base_batch_size=16)
+# Mask R-CNN (mmdet's) with the ELSA-Swin-T backbone and the recipe, 1x schedule.
+_base_ = ["mmdet::_base_/models/mask-rcnn_r50_fpn.py", "./elsa_swin_recipe.py"]
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type="ELSASwin",
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        group_width=4,
+        drop_path_rate=0.2,
+        use_checkpoint=False,
+        out_indices=(0, 1, 2, 3),
+    ),
+    neck=dict(in_channels=[96, 192, 384, 768]),
+)

@@ -1,0 +1,4 @@
+# UPerNet with Swin-S (mmseg's SwinTransformer), 512x512 crops, 160k iterations, ADE20K, on the ELSA-Swin
+# recipe: the original's Swin baseline configs/swin/upernet_swin_small_patch4_window7_512x512_160k_ade20k.py.
+_base_ = "./upernet_swin-t_8xb2-160k_ade20k-512x512.py"
+model = dict(backbone=dict(depths=[2, 2, 18, 2]))
