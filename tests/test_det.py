@@ -553,3 +553,23 @@ def test_distributed_train_and_test_on_cpu(tmp_path):
     assert "coco/bbox_mAP" in single and "coco/segm_mAP" in single
     assert {k: v for k, v in distributed.items() if k.startswith("coco/")} == single
     assert len(list((tmp_path / "pictures").glob("*.jpg"))) == 4  # --show-dir: one picture per image
+
+
+def test_amp_validation_hook_follows_training():
+    """The det configs validate in mixed precision when training is (AmpOptimWrapper), as the original's
+    apex O1 did for the whole process, and in float32 otherwise."""
+    from types import SimpleNamespace
+
+    from mmengine.config import Config
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+    from elsa_mm import AmpValidationHook
+
+    assert dict(type="AmpValidationHook") in Config.fromfile(str(MASK_T)).custom_hooks
+    amp = object.__new__(AmpOptimWrapper)  # building one needs a GPU; the hook only looks at its type
+    plain = OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    val_loop = SimpleNamespace(fp16=False)
+    for wrapper, fp16 in ((amp, True), (plain, False), (amp, True)):
+        AmpValidationHook().before_train(SimpleNamespace(optim_wrapper=wrapper, val_loop=val_loop))
+        assert val_loop.fp16 is fp16
+    AmpValidationHook().before_train(SimpleNamespace(optim_wrapper=amp, val_loop=None))  # --no-validate
