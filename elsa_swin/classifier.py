@@ -52,6 +52,8 @@ class ELSASwinTransformer(nn.Module):
         mlp_ratio (float): hidden width of the MLPs. Default: 4.
         qkv_bias (bool): bias of the q/k/v projections. Default: True.
         drop_rate (float): dropout before the classifier. Default: 0.
+        pos_drop_rate (float): dropout after the patch embedding (the original's ``drop_rate``, with
+            ``proj_drop_rate`` the same value). Default: 0.
         proj_drop_rate (float): dropout after the projections and in the MLPs. Default: 0.
         attn_drop_rate (float): dropout on the attention. Default: 0.
         drop_path_rate (float): stochastic depth of the last block, rising linearly from 0. Default: 0.1.
@@ -83,6 +85,7 @@ class ELSASwinTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
@@ -116,6 +119,7 @@ class ELSASwinTransformer(nn.Module):
             output_fmt="NHWC",
             **dd,
         )
+        self.pos_drop = nn.Dropout(pos_drop_rate)
         self.layers = build_stages(
             embed_dim,
             depths,
@@ -202,7 +206,7 @@ class ELSASwinTransformer(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        x = self.patch_embed(x)
+        x = self.pos_drop(self.patch_embed(x))
         last = len(self.layers) - 1
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -227,7 +231,7 @@ class ELSASwinTransformer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layers(self.patch_embed(x)))
+        return self.norm(self.layers(self.pos_drop(self.patch_embed(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
