@@ -77,7 +77,7 @@ case "$cmd" in
     "$PY" make_digits.py ../data/digits
     rm -rf ../output/digits-demo
     "$PY" train.py ../data/digits --model elsa_swin_nano --img-size 32 --epochs 15 -b 64 -j 2 --lr 2e-3 \
-      --warmup-epochs 1 --scale 0.7 1 --hflip 0 --drop-path 0.05 --log-interval 10 \
+      --warmup-epochs 1 --cooldown-epochs 0 --scale 0.7 1 --hflip 0 --drop-path 0.05 --log-interval 10 \
       --output ../output --experiment digits-demo "$@"
     "$PY" validate.py ../data/digits --model elsa_swin_nano --img-size 32 -j 2 \
       --checkpoint ../output/digits-demo/model_best.pth.tar --results-file ../output/digits-demo/val_results.json

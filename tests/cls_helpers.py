@@ -78,6 +78,8 @@ TRAIN_ARGS = [
     "2e-3",
     "--warmup-epochs",
     "0",
+    "--cooldown-epochs",
+    "0",
     "--scale",
     "0.8",
     "1",

@@ -1,6 +1,7 @@
 """cls: bad data, bad checkpoints, bad options and kills never give silently wrong numbers or lost runs."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -306,3 +307,162 @@ def test_resume_keeps_the_best_epoch_and_the_history(tmp_path):
     kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in run_dir.glob("checkpoint-*.pth.tar"))
     assert kept == sorted(sorted(range(4), key=lambda e: (-top1[e], e))[:2])
     assert not list(run_dir.glob(".*"))  # no temporary file left behind
+
+
+# ---- preemption: SIGTERM / SIGUSR1, --resume auto, the same result as an uninterrupted run ----------
+_FAKE_SRUN = """#!{python}
+# srun for tests: checks its options, starts --ntasks copies of the command here with SLURM's variables,
+# forwards SIGTERM/SIGUSR1 to them as srun does, and exits with the highest exit code.
+import json, os, signal, subprocess, sys
+argv = sys.argv[1:]
+opts = []
+while argv[0].startswith("-"):
+    opt = argv.pop(0)
+    opts.append(opt if "=" in opt or opt.startswith("--") else opt + "=" + argv.pop(0))
+with open(os.environ["FAKE_SRUN_LOG"], "w") as f:
+    json.dump(opts, f)
+n = int(dict(o.split("=", 1) for o in opts if "=" in o)["--ntasks"])
+procs = [
+    subprocess.Popen(argv, env=dict(os.environ, SLURM_PROCID=str(r), SLURM_NTASKS=str(n), SLURM_LOCALID=str(r),
+                                    SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1"))
+    for r in range(n)
+]
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda s, _: [p.send_signal(s) for p in procs])
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def _preempt_args(data: Path, out: Path, experiment: str) -> list[str]:
+    return [
+        str(data),
+        *TRAIN_ARGS,
+        "-b",
+        "4",
+        "--epochs",
+        "2",
+        "--log-interval",
+        "1",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.9",
+        "--drop-path",
+        "0.1",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--reprob",
+        "0.25",
+        "--output",
+        str(out),
+        "--experiment",
+        experiment,
+        "--resume",
+        "auto",
+        "--device",
+        "cpu",
+    ]
+
+
+def _signal_when(cmd: list[str], env: dict, marker: str, sig=signal.SIGTERM) -> tuple[int, str]:
+    """Run ``cmd``, send ``sig`` once a log line holds ``marker``; (exit code, log)."""
+    proc = subprocess.Popen(cmd, cwd=CLS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        log.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    rest = proc.communicate(timeout=600)[1]
+    return proc.returncode, "".join(log) + rest
+
+
+def _same_run(a: Path, b: Path) -> None:
+    assert read_summary(a / "summary.csv") == read_summary(b / "summary.csv")
+    sa, sb = (torch.load(d / "last.pth.tar", weights_only=False) for d in (a, b))
+    assert sa["epoch"] == sb["epoch"] == 1 and "resume_step" not in sa
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in sa[key].items():
+            assert torch.equal(tensor, sb[key][name]), f"{key}.{name}"
+
+
+@pytest.mark.slow
+def test_signal_saves_and_resume_auto_matches_an_uninterrupted_run(tmp_path):
+    """One process: SIGUSR1 (SIGTERM: the next test) in the middle of the last epoch ends the run after its step with exit code 75 and
+    a resumable last.pth.tar; --resume auto then ends where a run that was never stopped ends, bit for bit
+    (weights, EMA and every summary row)."""
+    data = write_digits(tmp_path / "digits", per_class=8, val_per_class=2)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = run(["train.py", *_preempt_args(data, out, "straight")])  # --resume auto, nothing there: fresh
+    assert r.returncode == 0 and "starting afresh" in r.stderr, r.stderr[-3000:]
+
+    cmd = [sys.executable, "train.py", *_preempt_args(data, out, "stopped")]
+    code, log = _signal_when(cmd, env, "Train: 1 [   1/", signal.SIGUSR1)
+    assert code == 75, log[-3000:]
+    assert "SIGUSR1: stopped after epoch 1 step" in log
+    state = torch.load(out / "stopped" / "last.pth.tar", weights_only=False)
+    assert state["epoch"] == 0 and state["resume_step"]["epoch"] == 1 and 0 < state["resume_step"]["step"] < 8
+    r = run(["train.py", *_preempt_args(data, out, "stopped")])
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-3000:]
+    _same_run(out / "straight", out / "stopped")
+
+
+@pytest.mark.slow
+def test_slurm_train_sh_two_tasks_signal_and_resume(tmp_path):
+    """slurm_train.sh hands srun mmdet's options; two tasks started as srun starts them (SLURM_PROCID, ...)
+    train with gloo, stop together on SIGTERM forwarded by srun, and resume to the uninterrupted result."""
+    data = write_digits(tmp_path / "digits", per_class=8, val_per_class=2)
+    out, bin_dir = tmp_path / "out", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(_FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "srun").chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        GPUS="2",
+        GPUS_PER_NODE="2",
+        CPUS_PER_TASK="1",
+        SRUN_ARGS="--quotatype=auto --requeue",
+        FAKE_SRUN_LOG=str(tmp_path / "srun.json"),
+        MASTER_PORT=str(29500 + os.getpid() % 1000),
+    )
+
+    def slurm(experiment):
+        return ["bash", "slurm_train.sh", "part", "elsa", *_preempt_args(data, out, experiment)]
+
+    r = subprocess.run(slurm("straight"), cwd=CLS, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distributed: 2 processes, backend gloo" in r.stderr
+    assert json.loads((tmp_path / "srun.json").read_text()) == [
+        "-p=part",
+        "--job-name=elsa",
+        "--gres=gpu:2",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--kill-on-bad-exit=1",
+        "--quotatype=auto",
+        "--requeue",
+    ]
+    code, log = _signal_when(slurm("stopped"), env, "Train: 1 [   1/")
+    assert code == 75, log[-3000:]
+    assert "SIGTERM: stopped after epoch 1 step" in log
+    r = subprocess.run(slurm("stopped"), cwd=CLS, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_run(out / "straight", out / "stopped")
+
+
+def test_nonfinite_loss_stops_in_one_line_or_is_skipped(tmp_path):
+    from elsa_cls.train import main
+
+    data = write_digits(tmp_path / "digits", per_class=4, val_per_class=1)
+    blow_up = [str(data), *TRAIN_ARGS, "-b", "4", "--epochs", "1", "--lr", "1e30", "--output", str(tmp_path / "o")]
+    error = tool_error("train", blow_up)
+    assert error.startswith("error: non-finite loss (") and "at epoch 0 step " in error
+    assert "--skip-nonfinite-loss" in error
+    assert main([*blow_up, "--skip-nonfinite-loss", "--experiment", "skip"]).name == "skip"

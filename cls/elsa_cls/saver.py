@@ -27,14 +27,15 @@ class RunSaver(CheckpointSaver):
         # came between the checkpoint and summary.csv rebuilds summary.csv from them.
         self.summary: list[dict[str, Any]] = []
 
-    def _save(self, save_path, epoch, metric=None):
+    def _save(self, save_path, epoch, metric=None, resume_step=None):
         state = {
             "epoch": epoch,
             "arch": self.args.model if self.args is not None else type(self.model).__name__.lower(),
             "state_dict": get_state_dict(self.model, self.unwrap_fn),
             "optimizer": self.optimizer.state_dict(),
             "version": 2,  # the epoch stored is the one just finished
-            "saver": self.state_dict(epoch, metric),
+            # a partial epoch is nothing for --resume to keep as checkpoint-<epoch> or model_best
+            "saver": self.state_dict(*((None, None) if resume_step is not None else (epoch, metric))),
         }
         if self.args is not None:
             state["args"] = self.args
@@ -47,6 +48,8 @@ class RunSaver(CheckpointSaver):
             state["state_dict_ema"] = get_state_dict(self.model_ema, self.unwrap_fn)
         if metric is not None:
             state["metric"] = metric
+        if resume_step is not None:
+            state["resume_step"] = resume_step
         atomic_torch_save(state, save_path)
 
     def save_checkpoint(self, epoch: int, metric: float | None = None):
@@ -56,6 +59,13 @@ class RunSaver(CheckpointSaver):
         self._save(last, epoch, metric)  # atomic: no tmp.pth.tar to rename as timm does
         self._keep(epoch, metric, last)
         return (None, None) if self.best_metric is None else (self.best_metric, self.best_epoch)
+
+    def save_partial(self, resume_step: dict) -> None:
+        """Save ``last`` (atomically) in the middle of epoch ``resume_step["epoch"]``: a checkpoint that
+        ``--resume`` continues from step ``resume_step["step"]`` of that epoch. It joins neither the kept
+        checkpoints nor ``model_best``, whose epochs are whole."""
+        last = os.path.join(self.checkpoint_dir, "last" + self.extension)
+        self._save(last, resume_step["epoch"] - 1, resume_step=resume_step)
 
     def resume(self, checkpoint: dict, path: str) -> None:
         """Continue the bookkeeping of the run that wrote ``checkpoint`` (read from ``path``, in this run's

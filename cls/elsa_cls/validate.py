@@ -29,35 +29,76 @@ from .inference import predict, resolve_amp
 _logger = logging.getLogger("validate")
 
 
+# The original's validate.py flags that cannot apply here: accepted at their default, refused with the
+# reason otherwise. dest -> (default, reason).
+REFUSED = {
+    "pretrained": (False, "no weights are downloaded: pass a file with --checkpoint"),
+    "class_map": ("", "labels come from the checkpoint's class_names, else from the sorted class folders"),
+    "tf_preprocessing": (False, "TensorFlow preprocessing needs TensorFlow and was a timm 0.4 option"),
+    "legacy_jit": (False, "the legacy JIT fuser only existed in PyTorch 1.5-1.6"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", metavar="DIR", help="dataset root (holding --split) or the split folder itself")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--model", default="elsa_swin_tiny")
+    parser.add_argument("--dataset", "-d", default="", help="only ImageFolder datasets: '' or 'folder'")
+    parser.add_argument("--split", default="val", help="'validation' falls back to 'val', as in timm 0.4")
+    parser.add_argument("--model", "-m", default="elsa_swin_tiny")
     parser.add_argument("--checkpoint", default="", help="weights to evaluate (ours or the original's)")
+    parser.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     parser.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint's classifier")
+    parser.add_argument("--class-map", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--gp", default=None, help="global pool: ELSA-Swin pools by average ('avg') only")
     parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"))
     parser.add_argument("--crop-pct", type=float, default=None)
     parser.add_argument("--interpolation", default="")
     parser.add_argument("--mean", type=float, nargs=3, default=None)
     parser.add_argument("--std", type=float, nargs=3, default=None)
-    parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("-b", "--batch-size", type=int, default=256)
     parser.add_argument("-j", "--workers", type=int, default=4)
+    parser.add_argument("--num-gpu", type=int, default=1, help="1: one process evaluates on one device")
     parser.add_argument(
         "--no-test-pool",
         action="store_true",
         help="accepted for the original's commands: ELSA-Swin has no test-time pooling to disable",
     )
+    parser.add_argument(
+        "--no-prefetcher", action="store_true", help="normalise in the loader workers instead of on the device"
+    )
+    parser.add_argument("--pin-mem", action="store_true")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp)")
     parser.add_argument("--apex-amp", action="store_true", help="alias of --amp (NVIDIA apex is not used)")
     parser.add_argument("--native-amp", action="store_true", help="alias of --amp")
     parser.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"])
+    parser.add_argument("--tf-preprocessing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--torchscript", action="store_true", help="evaluate the TorchScript-compiled model")
+    parser.add_argument("--legacy-jit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--log-interval", "--log-freq", type=int, default=10)
     parser.add_argument("--results-file", default="", help="write the metrics to this .json or .csv file")
+    parser.add_argument("--real-labels", default="", help="ImageNet ReaL labels JSON: report ReaL top-1/top-5")
+    parser.add_argument("--valid-labels", default="", help="text file of class indices to score among")
     return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    for dest, (default, reason) in REFUSED.items():
+        if getattr(args, dest) != default:
+            raise SystemExit(f"error: --{dest.replace('_', '-')} is not supported: {reason}")
+    if args.dataset.lower() not in ("", "folder", "imagefolder"):
+        raise SystemExit(f"error: --dataset {args.dataset} is not supported: only ImageFolder folders are read")
+    if args.gp not in (None, "avg"):
+        raise SystemExit(f"error: --gp {args.gp} is not supported: ELSA-Swin pools by average ('avg') only")
+    if args.num_gpu != 1:
+        raise SystemExit(f"error: --num-gpu {args.num_gpu} is not supported: one process evaluates on one device")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: -b/--batch-size must be at least 1, got {args.batch_size}")
+    return args
 
 
 def build_dataset(folder: Path, checkpoint: dict | None, num_classes: int, source: str) -> ImageFolderDataset:
@@ -81,8 +122,10 @@ def build_dataset(folder: Path, checkpoint: dict | None, num_classes: int, sourc
 
 def main(argv=None) -> dict:
     utils.setup_default_logging()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     root = Path(args.data_dir)
+    if args.split == "validation" and not (root / args.split).is_dir() and (root / "val").is_dir():
+        args.split = "val"
     split = args.split if (root / args.split).is_dir() else ""
     try:
         folder = check_image_folder(args.data_dir, split)
@@ -95,8 +138,9 @@ def main(argv=None) -> dict:
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     try:
+        img_size = args.img_size or (args.input_size[-1] if args.input_size else None)
         model = create_from_checkpoint(
-            args.model, checkpoint, args.checkpoint, args.num_classes, args.img_size, use_ema=args.use_ema
+            args.model, checkpoint, args.checkpoint, args.num_classes, img_size, use_ema=args.use_ema
         )
     except ValueError as e:  # an unknown model, or a checkpoint that does not fit it (CheckpointError)
         raise SystemExit(f"error: {e}") from None
@@ -104,7 +148,17 @@ def main(argv=None) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(vars(args), model=model, verbose=True)
-    dataset = build_dataset(folder, checkpoint, model.num_classes, args.checkpoint)
+    valid = None
+    if args.valid_labels:  # a dataset of some of the model's classes (ImageNet-A/-R), in index order
+        if checkpoint is not None and checkpoint.get("class_names") is not None:
+            raise SystemExit("error: --valid-labels is for checkpoints without class names; this one names its classes")
+        try:
+            indices = {int(line) for line in Path(args.valid_labels).read_text().split()}
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --valid-labels {args.valid_labels}: {e}") from None
+        valid = torch.tensor([i in indices for i in range(model.num_classes)], device=device)
+    classes = int(valid.sum()) if valid is not None else model.num_classes
+    dataset = build_dataset(folder, checkpoint, classes, args.checkpoint)
     loader = create_loader(
         dataset,
         input_size=data_config["input_size"],
@@ -115,15 +169,31 @@ def main(argv=None) -> dict:
         std=data_config["std"],
         crop_pct=data_config["crop_pct"],
         num_workers=args.workers,
+        pin_memory=args.pin_mem,
         device=device,
-        use_prefetcher=False,
+        use_prefetcher=not args.no_prefetcher,
     )
     amp_ctx, _ = resolve_amp(args, device)
+    if args.torchscript:
+        model = torch.jit.script(model)
+    real_labels = None
+    if args.real_labels:
+        from timm.data import RealLabelsImagenet
+
+        names = [dataset.filename(i, basename=True) for i in range(len(dataset))]
+        try:
+            real_labels = RealLabelsImagenet(names, real_json=args.real_labels)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --real-labels {args.real_labels}: {e}") from None
 
     loss_fn = nn.CrossEntropyLoss()
     losses, top1, top5 = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
     start = time.time()
     for idx, (logits, target) in enumerate(predict(model, loader, device, amp_ctx, args.channels_last)):
+        if valid is not None:
+            logits = logits[:, valid]
+        if real_labels is not None:
+            real_labels.add_result(logits)
         keep = target >= 0  # unreadable images (named in the log) are left out
         logits, target = logits[keep], target[keep]
         if not len(target):
@@ -142,11 +212,14 @@ def main(argv=None) -> dict:
     elapsed = time.time() - start
     if losses.count == 0:
         raise SystemExit(f"error: no image of {folder} could be read")
+    top1_avg, top5_avg = top1.avg, top5.avg
+    if real_labels is not None:
+        top1_avg, top5_avg = real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)
     results = dict(
         model=args.model,
         checkpoint=args.checkpoint,
-        top1=round(top1.avg, 4),
-        top5=round(top5.avg, 4),
+        top1=round(top1_avg, 4),
+        top5=round(top5_avg, 4),
         loss=round(losses.avg, 4),
         img_per_sec=round(losses.count / elapsed, 2),
         images=losses.count,
