@@ -4,8 +4,9 @@
 #     bash slurm_train.sh PARTITION JOB_NAME DATA_DIR [train.py arguments]
 # Each task reads its rank from SLURM_PROCID and meets the others on the job's first node (MASTER_PORT,
 # default 29500). When SLURM sends SIGTERM or SIGUSR1 (preemption, time limit), train.py finishes its
-# step, saves last.pth.tar and exits with code 75; with --experiment NAME --resume auto the requeued job
-# continues from there, e.g. SRUN_ARGS="--signal=USR1@120 --requeue".
+# step, saves last.pth.tar and exits with code 75; the same command with --experiment NAME --resume auto
+# continues from there (SRUN_ARGS="--signal=USR1@120" asks for the signal 2 minutes before the time limit;
+# a batch script can requeue itself on code 75, see docs/cls.md).
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] bash slurm_train.sh PARTITION JOB_NAME DATA_DIR [train.py arguments]" >&2

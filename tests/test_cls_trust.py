@@ -427,7 +427,7 @@ def test_slurm_train_sh_two_tasks_signal_and_resume(tmp_path):
         GPUS="2",
         GPUS_PER_NODE="2",
         CPUS_PER_TASK="1",
-        SRUN_ARGS="--quotatype=auto --requeue",
+        SRUN_ARGS="--quotatype=auto --signal=USR1@120",
         FAKE_SRUN_LOG=str(tmp_path / "srun.json"),
         MASTER_PORT=str(29500 + os.getpid() % 1000),
     )
@@ -447,7 +447,7 @@ def test_slurm_train_sh_two_tasks_signal_and_resume(tmp_path):
         "--cpus-per-task=1",
         "--kill-on-bad-exit=1",
         "--quotatype=auto",
-        "--requeue",
+        "--signal=USR1@120",
     ]
     code, log = _signal_when(slurm("stopped"), env, "Train: 1 [   1/")
     assert code == 75, log[-3000:]

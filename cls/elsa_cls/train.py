@@ -543,7 +543,8 @@ def train_one_epoch(
             optimizer.step()
         if model_ema is not None and not nonfinite:
             if args.model_ema_v3:
-                model_ema.update(model, step=num_updates)
+                # timm's train.py counts this update before passing it: its decay warms up from step 1.
+                model_ema.update(model, step=num_updates + 1)
             else:
                 model_ema.update(model)
         num_updates += 1
@@ -568,7 +569,9 @@ def train_one_epoch(
         last = idx == len(loader) - 1
         recover = args.recovery_interval and (idx + 1) % args.recovery_interval == 0
         if (stopping or recover) and not last and save_partial is not None:
-            save_partial(dict(epoch=epoch, step=idx + 1, losses=_rank_losses(losses, args, device)))
+            # The loader's length and the process count let a resume tell whether it replays the same batches.
+            step_state = dict(epoch=epoch, step=idx + 1, steps=len(loader), world_size=args.world_size)
+            save_partial(dict(step_state, losses=_rank_losses(losses, args, device)))
         if stopping and not last:
             raise Preempted(f"epoch {epoch} step {idx + 1}")
     loss = torch.tensor(losses.avg, device=device)
@@ -790,7 +793,18 @@ def _run(args, stop: StopRequest):
         )
     if resume_step is not None and resume_step["epoch"] != start_epoch:
         resume_step = None
-    if start_epoch > 0:
+    if resume_step is not None and (resume_step.get("steps"), resume_step.get("world_size")) != (
+        updates_per_epoch,
+        args.world_size,
+    ):
+        # Another batch size or process count: the stopped epoch's batches cannot be replayed.
+        _logger.warning(
+            f"the checkpoint stopped at step {resume_step['step']} of {resume_step.get('steps')} with "
+            f"{resume_step.get('world_size')} processes; this run has {updates_per_epoch} steps per epoch and "
+            f"{args.world_size} processes: epoch {start_epoch} starts again from its first step"
+        )
+        resume_step = None
+    if start_epoch > 0 or resume_step is not None:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch + (resume_step or {}).get("step", 0))
         else:
