@@ -82,4 +82,4 @@ class AmpValidationHook(Hook):
         )
         amp = any(isinstance(w, AmpOptimWrapper) for w in wrappers)
         if runner.val_loop is not None:
-            runner.val_loop.fp16 = amp
+            runner.val_loop.fp16 = runner.val_loop.fp16 or amp  # a config may ask for it anyway
