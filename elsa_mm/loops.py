@@ -19,7 +19,7 @@ from mmengine.runner.amp import autocast
 from mmengine.runner.loops import _update_losses
 
 
-def is_multi_view(data_batch) -> bool:
+def is_multi_view(data_batch: Any) -> bool:
     """Whether a collated batch holds several views of each image (a ``TestTimeAug`` pipeline)."""
     inputs = data_batch.get("inputs") if isinstance(data_batch, dict) else None
     return isinstance(inputs, list | tuple) and len(inputs) > 0 and isinstance(inputs[0], list | tuple)
@@ -32,7 +32,7 @@ class _MultiViewSteps:
         self.tta_model = dict(tta_model or dict(type="SegTTAModel"))
         self._tta: BaseTTAModel | None = None
 
-    def _predict(self, data_batch, step: str) -> list:
+    def _predict(self, data_batch: Any, step: str) -> list:
         model = self.runner.model
         if isinstance(model, BaseTTAModel) or not is_multi_view(data_batch):
             return getattr(model, step)(data_batch)
@@ -55,16 +55,18 @@ class MultiViewValLoop(_MultiViewSteps, ValLoop):
             the model. Default: ``dict(type="SegTTAModel")``.
     """
 
-    def __init__(self, runner, dataloader, evaluator, fp16: bool = False, tta_model: dict | None = None) -> None:
+    def __init__(
+        self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, tta_model: dict | None = None
+    ) -> None:
         super().__init__(runner, dataloader, evaluator, fp16)
         self._setup_views(tta_model)
 
     @torch.no_grad()
-    def run_iter(self, idx, data_batch) -> None:
+    def run_iter(self, idx: int, data_batch: Any) -> None:
         self.runner.call_hook("before_val_iter", batch_idx=idx, data_batch=data_batch)
         with autocast(enabled=self.fp16):
             outputs = self._predict(data_batch, "val_step")
-        outputs, self.val_loss = _update_losses(outputs, self.val_loss)
+        outputs, self.val_loss = _update_losses(outputs, self.val_loss)  # type: ignore[has-type]
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
         self.runner.call_hook("after_val_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
 
@@ -82,15 +84,17 @@ class MultiViewTestLoop(_MultiViewSteps, TestLoop):
             the model. Default: ``dict(type="SegTTAModel")``.
     """
 
-    def __init__(self, runner, dataloader, evaluator, fp16: bool = False, tta_model: dict | None = None) -> None:
+    def __init__(
+        self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, tta_model: dict | None = None
+    ) -> None:
         super().__init__(runner, dataloader, evaluator, fp16)
         self._setup_views(tta_model)
 
     @torch.no_grad()
-    def run_iter(self, idx, data_batch) -> None:
+    def run_iter(self, idx: int, data_batch: Any) -> None:
         self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
         with autocast(enabled=self.fp16):
             outputs = self._predict(data_batch, "test_step")
-        outputs, self.test_loss = _update_losses(outputs, self.test_loss)
+        outputs, self.test_loss = _update_losses(outputs, self.test_loss)  # type: ignore[has-type]
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
         self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
