@@ -4,7 +4,7 @@
     python setup.py build_ext --inplace          # rebuild only the library, incrementally
 
 The CUDA kernels are built whenever nvcc is found (or FORCE_CUDA=1), with or without a GPU, for the archs
-of elsa_op/_archs.py's `arch_list`: TORCH_CUDA_ARCH_LIST when set; else the GPUs of this machine; else, with
+of elsa_op/_archs.py's `arch_list`: TORCH_CUDA_ARCH_LIST when set; else the building machine's GPUs; else, with
 no GPU, every arch the installed torch ships plus PTX for the newest. DEBUG=1 builds with -O0 -g.
 
 Every route (`pip install -e .`, `build_ext --inplace`, a wheel) compiles into the same build/ folder, so
@@ -117,7 +117,11 @@ def _cuda_archs() -> list[str]:
     from torch.utils.cpp_extension import _get_cuda_arch_flags
 
     gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    chosen = archs.arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus, torch._C._cuda_getArchFlags().split())
+    chosen = archs.arch_list(
+        os.environ.get("TORCH_CUDA_ARCH_LIST"),
+        gpus,
+        (getattr(torch._C, "_cuda_getArchFlags", lambda: None)() or "").split(),
+    )
     if chosen is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = chosen
     built = archs.built_archs(_get_cuda_arch_flags())

@@ -65,13 +65,18 @@ def test_the_library_has_the_archs_of_the_policy_and_records_them(monkeypatch):
             f"{prefix}_{arch}" for arch in re.findall(rf"\.sm_(\d+[af]?)\.{'cubin' if kind == 'elf' else 'ptx'}", out)
         }
     gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    chosen = arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus, torch._C._cuda_getArchFlags().split())
+    chosen = arch_list(
+        os.environ.get("TORCH_CUDA_ARCH_LIST"),
+        gpus,
+        (getattr(torch._C, "_cuda_getArchFlags", lambda: None)() or "").split(),
+    )
     if chosen is not None:
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", chosen)
     policy = set(built_archs(_get_cuda_arch_flags()))
     assert found == policy, f"the library has {sorted(found)}, the policy builds {sorted(policy)} here"
     assert set(built_cuda_archs()) == found
-    assert any(a.startswith("compute_") for a in found), "no PTX: no newer GPU could run the library"
+    if chosen is None or "PTX" in chosen:  # the policy's lists, and torch's own default, add PTX
+        assert any(a.startswith("compute_") for a in found), "no PTX: no newer GPU could run the library"
 
 
 @needs_cuda_build
@@ -99,7 +104,11 @@ def test_every_cuda_kernel_has_sm80_and_sm90_code_and_no_spills():
             name = next((k for k in kernels if re.search(rf"\d{{1,3}}{k}I", m.group(1))), None)
             if name is not None:
                 found.setdefault((arch, name), []).append(lines[i + 1])
-    for arch in ("sm_80", "sm_90"):
+    # The archs the register budgets were made for; a build for one GPU holds one of them, or none.
+    archs = [arch for arch in ("sm_80", "sm_90") if arch in {a for a, _ in found}]
+    if not archs:
+        pytest.skip("the library holds neither sm_80 nor sm_90 code (TORCH_CUDA_ARCH_LIST or the GPU chose)")
+    for arch in archs:
         for kernel in sorted(kernels):
             usages = found.get((arch, kernel))
             assert usages, f"{kernel} has no {arch} code"

@@ -15,6 +15,8 @@ DIST=${2:-dist}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+# A wheel is for every GPU: without an explicit list, the policy's list for no visible GPU, not this GPU's.
+[ -n "${TORCH_CUDA_ARCH_LIST:-}" ] || export CUDA_VISIBLE_DEVICES=
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$work" .
 built=$(echo "$work"/elsa_vision-*.whl)
 [ -f "$built" ] || { echo "build_wheel.sh: pip built no elsa_vision wheel" >&2; exit 1; }
