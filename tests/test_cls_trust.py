@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,24 +391,33 @@ def _same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_signal_saves_and_resume_auto_matches_an_uninterrupted_run(tmp_path):
-    """One process: SIGUSR1 (SIGTERM: the next test) in the middle of the last epoch ends the run after its step with exit code 75 and
-    a resumable last.pth.tar; --resume auto then ends where a run that was never stopped ends, bit for bit
-    (weights, EMA and every summary row)."""
+    """One process: SIGUSR1 (SIGTERM: the next test) in the middle of the first epoch ends the run after its
+    step with exit code 75 and a resumable last.pth.tar; --resume auto then ends where a run that was never
+    stopped ends, bit for bit (weights, EMA and every summary row), with the LR stepped per update. Resumed
+    with another batch size, the stopped epoch starts again from its first step."""
     data = write_digits(tmp_path / "digits", per_class=8, val_per_class=2)
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = run(["train.py", *_preempt_args(data, out, "straight")])  # --resume auto, nothing there: fresh
+
+    def args(experiment):
+        return [*_preempt_args(data, out, experiment), "--sched-on-updates"]
+
+    r = run(["train.py", *args("straight")])  # --resume auto, nothing there: fresh
     assert r.returncode == 0 and "starting afresh" in r.stderr, r.stderr[-3000:]
 
-    cmd = [sys.executable, "train.py", *_preempt_args(data, out, "stopped")]
-    code, log = _signal_when(cmd, env, "Train: 1 [   1/", signal.SIGUSR1)
+    code, log = _signal_when([sys.executable, "train.py", *args("stopped")], env, "Train: 0 [   1/", signal.SIGUSR1)
     assert code == 75, log[-3000:]
-    assert "SIGUSR1: stopped after epoch 1 step" in log
+    assert "SIGUSR1: stopped after epoch 0 step" in log
     state = torch.load(out / "stopped" / "last.pth.tar", weights_only=False)
-    assert state["epoch"] == 0 and state["resume_step"]["epoch"] == 1 and 0 < state["resume_step"]["step"] < 8
-    r = run(["train.py", *_preempt_args(data, out, "stopped")])
+    assert state["epoch"] == -1 and state["resume_step"]["epoch"] == 0 and 0 < state["resume_step"]["step"] < 8
+    shutil.copytree(out / "stopped", out / "rebatched")
+    r = run(["train.py", *args("stopped")])
     assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-3000:]
     _same_run(out / "straight", out / "stopped")
+
+    r = run(["train.py", *args("rebatched"), "-b", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 0 starts again from its first step" in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.slow
