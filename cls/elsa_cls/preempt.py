@@ -5,8 +5,8 @@ and the rendezvous of tasks started by SLURM's ``srun``.
   a flag; the trainer finishes the step it is in, saves a resumable ``last.pth.tar`` atomically and exits
   with :data:`EXIT_PREEMPTED`.
 - Every random draw of a step comes from generators seeded by (seed, rank, epoch, step), so a run resumed
-  in the middle of an epoch sees the same batches, augmentations, mixup and drop paths as one that was
-  never stopped.
+  in the middle of an epoch sees the same batches and drop paths as one that was never stopped, and with
+  ``-j 0`` the same augmentations and mixup too (loader workers draw theirs afresh).
 """
 
 import logging
