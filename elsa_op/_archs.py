@@ -17,7 +17,10 @@ _ARCH = re.compile(r"(sm|compute)_(\d+)([af]?)")
 
 
 def arch_list(
-    requested: str | None, gpu_capabilities: Sequence[tuple[int, int]], torch_archs: Iterable[str]
+    requested: str | None,
+    gpu_capabilities: Sequence[tuple[int, int]],
+    torch_archs: Iterable[str],
+    compiler_archs: Iterable[str] | None = None,
 ) -> str | None:
     """The ``TORCH_CUDA_ARCH_LIST`` that a build of ``elsa_op._C`` uses.
 
@@ -25,6 +28,8 @@ def arch_list(
         requested: the ``TORCH_CUDA_ARCH_LIST`` of the environment; when set, it always wins.
         gpu_capabilities: the compute capabilities of the GPUs of the building machine.
         torch_archs: the archs the installed torch ships (``torch._C._cuda_getArchFlags().split()``).
+        compiler_archs: the archs nvcc can build (``nvcc --list-gpu-arch``), when known: an older toolkit
+            than torch's builds only the archs of torch's that it knows. Default: all of torch's.
 
     Returns:
         str | None: ``requested`` when set; ``None`` on a machine with GPUs, for torch's own default (the
@@ -36,10 +41,13 @@ def arch_list(
     if gpu_capabilities:
         return None
     machine = sorted({int(m.group(2)) for a in torch_archs if (m := _ARCH.fullmatch(a)) and m.group(1) == "sm"})
+    if compiler_archs is not None:
+        known = {int(m.group(2)) for a in compiler_archs if (m := _ARCH.fullmatch(a.strip()))}
+        machine = [v for v in machine if v in known]
     if not machine:
         raise ValueError(
-            "cannot choose the CUDA archs to build: no GPU is visible and torch ships no CUDA archs "
-            "(a CPU build of torch?); set TORCH_CUDA_ARCH_LIST, e.g. TORCH_CUDA_ARCH_LIST=8.0"
+            "cannot choose the CUDA archs to build: no GPU is visible and torch ships no CUDA archs that nvcc "
+            "builds (a CPU build of torch?); set TORCH_CUDA_ARCH_LIST, e.g. TORCH_CUDA_ARCH_LIST=8.0"
         )
     return ";".join(f"{v // 10}.{v % 10}" for v in machine) + "+PTX"
 

@@ -25,6 +25,14 @@ def test_without_gpus_the_archs_torch_ships_plus_ptx_for_the_newest():
     assert arch_list("", [], ["sm_90", "sm_80", "compute_90", "sm_80"]) == "8.0;9.0+PTX"
 
 
+def test_without_gpus_only_the_archs_the_compiler_knows():
+    nvcc_12_6 = ["compute_50", "compute_75", "compute_80", "compute_86", "compute_89", "compute_90", "compute_90a"]
+    assert arch_list(None, [], TORCH_CU130, nvcc_12_6) == "7.5;8.0;8.6;9.0+PTX"
+    assert arch_list("12.0", [], TORCH_CU130, nvcc_12_6) == "12.0"  # asked for: nvcc says what it refuses
+    with pytest.raises(ValueError, match="set TORCH_CUDA_ARCH_LIST"):
+        arch_list(None, [], ["sm_100"], nvcc_12_6)
+
+
 def test_without_gpus_or_torch_archs_the_error_says_what_to_set():
     with pytest.raises(ValueError, match="set TORCH_CUDA_ARCH_LIST"):
         arch_list(None, [], [])
