@@ -568,8 +568,9 @@ def test_amp_validation_hook_follows_training():
     assert dict(type="AmpValidationHook") in Config.fromfile(str(MASK_T)).custom_hooks
     amp = object.__new__(AmpOptimWrapper)  # building one needs a GPU; the hook only looks at its type
     plain = OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
-    val_loop = SimpleNamespace(fp16=False)
-    for wrapper, fp16 in ((amp, True), (plain, False), (amp, True)):
+    # (training's wrapper, the config's val_cfg.fp16) -> validation in fp16; a config's own fp16 stays
+    for wrapper, asked, fp16 in ((amp, False, True), (plain, False, False), (plain, True, True), (amp, True, True)):
+        val_loop = SimpleNamespace(fp16=asked)
         AmpValidationHook().before_train(SimpleNamespace(optim_wrapper=wrapper, val_loop=val_loop))
         assert val_loop.fp16 is fp16
     AmpValidationHook().before_train(SimpleNamespace(optim_wrapper=amp, val_loop=None))  # --no-validate
