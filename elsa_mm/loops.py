@@ -26,9 +26,18 @@ def is_multi_view(data_batch: Any) -> bool:
 
 
 class _MultiViewSteps:
-    runner: Any
+    """What the validation and test loops share: ``stage`` ("val" or "test") names their hooks, model step
+    and loss attribute as mmengine's loops name them."""
 
-    def _setup_views(self, tta_model: dict | None) -> None:
+    runner: Any
+    evaluator: Any
+    fp16: bool
+    stage: str
+
+    def __init__(
+        self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, tta_model: dict | None = None
+    ) -> None:
+        super().__init__(runner, dataloader, evaluator, fp16)  # type: ignore[call-arg]
         self.tta_model = dict(tta_model or dict(type="SegTTAModel"))
         self._tta: BaseTTAModel | None = None
 
@@ -40,6 +49,17 @@ class _MultiViewSteps:
         if self._tta is None or self._tta.module is not module:
             self._tta = MODELS.build(dict(self.tta_model, module=module))
         return self._tta.test_step(data_batch)
+
+    @torch.no_grad()
+    def run_iter(self, idx: int, data_batch: Any) -> None:
+        self.runner.call_hook(f"before_{self.stage}_iter", batch_idx=idx, data_batch=data_batch)
+        with autocast(enabled=self.fp16):
+            outputs = self._predict(data_batch, f"{self.stage}_step")
+        loss_name = f"{self.stage}_loss"
+        outputs, losses = _update_losses(outputs, getattr(self, loss_name))
+        setattr(self, loss_name, losses)
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        self.runner.call_hook(f"after_{self.stage}_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
 
 
 @LOOPS.register_module()
@@ -55,46 +75,12 @@ class MultiViewValLoop(_MultiViewSteps, ValLoop):
             the model. Default: ``dict(type="SegTTAModel")``.
     """
 
-    def __init__(
-        self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, tta_model: dict | None = None
-    ) -> None:
-        super().__init__(runner, dataloader, evaluator, fp16)
-        self._setup_views(tta_model)
-
-    @torch.no_grad()
-    def run_iter(self, idx: int, data_batch: Any) -> None:
-        self.runner.call_hook("before_val_iter", batch_idx=idx, data_batch=data_batch)
-        with autocast(enabled=self.fp16):
-            outputs = self._predict(data_batch, "val_step")
-        outputs, self.val_loss = _update_losses(outputs, self.val_loss)  # type: ignore[has-type]
-        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-        self.runner.call_hook("after_val_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+    stage = "val"
 
 
 @LOOPS.register_module()
 class MultiViewTestLoop(_MultiViewSteps, TestLoop):
-    """mmengine's ``TestLoop`` that also takes several views of each image (see the module's description).
+    """mmengine's ``TestLoop`` that also takes several views of each image; arguments as
+    :class:`MultiViewValLoop`'s."""
 
-    Args:
-        runner (Runner): as mmengine's ``TestLoop``.
-        dataloader (DataLoader or dict): as mmengine's ``TestLoop``.
-        evaluator (Evaluator, dict or list): as mmengine's ``TestLoop``.
-        fp16 (bool): run the model under autocast. Default: False.
-        tta_model (dict, optional): the test-time augmentation model that merges the views, built around
-            the model. Default: ``dict(type="SegTTAModel")``.
-    """
-
-    def __init__(
-        self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, tta_model: dict | None = None
-    ) -> None:
-        super().__init__(runner, dataloader, evaluator, fp16)
-        self._setup_views(tta_model)
-
-    @torch.no_grad()
-    def run_iter(self, idx: int, data_batch: Any) -> None:
-        self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
-        with autocast(enabled=self.fp16):
-            outputs = self._predict(data_batch, "test_step")
-        outputs, self.test_loss = _update_losses(outputs, self.test_loss)  # type: ignore[has-type]
-        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-        self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+    stage = "test"
