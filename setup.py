@@ -16,7 +16,6 @@ import glob
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -113,23 +112,11 @@ class _BuildExtension(BuildExtension):
         super().build_extensions()
 
 
-def _nvcc_archs() -> list[str] | None:
-    """The archs nvcc can build (``nvcc --list-gpu-arch``), or None where it cannot say."""
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else "nvcc"
-    try:
-        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.split() or None
-
-
 def _cuda_archs() -> list[str]:
     """Sets TORCH_CUDA_ARCH_LIST by the policy and returns the archs nvcc builds, which the library records."""
     from torch.utils.cpp_extension import _get_cuda_arch_flags
 
-    gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    shipped = (getattr(torch._C, "_cuda_getArchFlags", lambda: None)() or "").split()
-    chosen = archs.arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus, shipped, _nvcc_archs())
+    chosen = archs.environment_arch_list(torch, CUDA_HOME)
     if chosen is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = chosen
     built = archs.built_archs(_get_cuda_arch_flags())

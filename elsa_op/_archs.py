@@ -1,6 +1,7 @@
 """The GPU architectures of ``elsa_op._C``: which ones a build targets, and whether a GPU can run them.
 
-Pure functions of their arguments. ``setup.py`` loads this file by its path at build time (it needs
+Pure functions of their arguments, and :func:`environment_arch_list`, which reads those arguments from the
+build's environment for ``setup.py`` and the tests. ``setup.py`` loads this file by its path at build time (it needs
 nothing but the standard library); at run time ``elsa_op`` checks each GPU once, before the first kernel
 launch on it, with :func:`cuda_arch_error`.
 
@@ -8,8 +9,11 @@ An arch is written as the CUDA toolkit writes it: ``sm_86`` is machine code (SAS
 8.6, ``compute_90`` is PTX for 9.0, which the driver compiles for the GPU when the library is loaded.
 """
 
+import os
 import re
+import subprocess
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 REBUILD = "pip install --no-build-isolation -e ."
 
@@ -50,6 +54,19 @@ def arch_list(
             "builds (a CPU build of torch?); set TORCH_CUDA_ARCH_LIST, e.g. TORCH_CUDA_ARCH_LIST=8.0"
         )
     return ";".join(f"{v // 10}.{v % 10}" for v in machine) + "+PTX"
+
+
+def environment_arch_list(torch: Any, cuda_home: str | None) -> str | None:
+    """:func:`arch_list` for this environment: its ``TORCH_CUDA_ARCH_LIST``, the GPUs ``torch`` sees, the
+    archs it ships and those that ``nvcc`` under ``cuda_home`` (else on PATH) builds."""
+    gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    shipped = (getattr(torch._C, "_cuda_getArchFlags", lambda: None)() or "").split()
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else "nvcc"
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        listed = []
+    return arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpus, shipped, listed or None)
 
 
 def built_archs(gencode_flags: Iterable[str]) -> list[str]:

@@ -2,7 +2,6 @@
 build's policy and records them, every kernel of elsa_op/csrc/cuda has code for sm_80 and sm_90, and none
 spills registers to local memory."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -51,9 +50,9 @@ def test_the_library_has_the_archs_of_the_policy_and_records_them(monkeypatch):
     """cuobjdump's lists of SASS (ELF) and PTX in the library, against the archs that setup.py's policy picks
     in this environment (the tests run where the library was built, e.g. CI's TORCH_CUDA_ARCH_LIST) and
     against the list the library records for its run-time check."""
-    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    from torch.utils.cpp_extension import CUDA_HOME, _get_cuda_arch_flags
 
-    from elsa_op._archs import arch_list, built_archs
+    from elsa_op._archs import built_archs, environment_arch_list
     from elsa_op._registration import built_cuda_archs
 
     found = set()
@@ -64,12 +63,7 @@ def test_the_library_has_the_archs_of_the_policy_and_records_them(monkeypatch):
         found |= {
             f"{prefix}_{arch}" for arch in re.findall(rf"\.sm_(\d+[af]?)\.{'cubin' if kind == 'elf' else 'ptx'}", out)
         }
-    gpus = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    chosen = arch_list(
-        os.environ.get("TORCH_CUDA_ARCH_LIST"),
-        gpus,
-        (getattr(torch._C, "_cuda_getArchFlags", lambda: None)() or "").split(),
-    )
+    chosen = environment_arch_list(torch, CUDA_HOME)
     if chosen is not None:
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", chosen)
     policy = set(built_archs(_get_cuda_arch_flags()))
