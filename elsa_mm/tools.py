@@ -259,6 +259,14 @@ def setup_distributed(cfg: Config) -> None:
         )
 
 
+def finish_distributed() -> None:
+    """Leaves the process group, whoever made it. mmengine's Runner never does, and a gloo group left to the
+    interpreter's exit can abort the process (``terminate called without an active exception``) after the run
+    itself succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _check_gpus(args: argparse.Namespace) -> None:
     """The original's --gpus / --gpu-ids: mmengine trains on one GPU per process."""
     gpus, gpu_ids = getattr(args, "gpus", None), getattr(args, "gpu_ids", None)
@@ -318,7 +326,10 @@ def train(cfg: Config, args: argparse.Namespace) -> None:
         check_checkpoint(resume)
         cfg.resume, cfg.load_from = True, resume
     setup_distributed(cfg)
-    Runner.from_cfg(cfg).train()
+    try:
+        Runner.from_cfg(cfg).train()
+    finally:
+        finish_distributed()
 
 
 def _evaluators(cfg: Config) -> list:
@@ -374,7 +385,10 @@ def test(cfg: Config, args: argparse.Namespace) -> dict:
         if args.show_dir:
             hook.test_out_dir = str(Path(args.show_dir).resolve())
     setup_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    check_fits(runner.model, checkpoint, args.checkpoint, args.config)
-    del checkpoint
-    return runner.test()
+    try:
+        runner = Runner.from_cfg(cfg)
+        check_fits(runner.model, checkpoint, args.checkpoint, args.config)
+        del checkpoint
+        return runner.test()
+    finally:
+        finish_distributed()

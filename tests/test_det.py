@@ -419,6 +419,41 @@ def test_original_train_flags(tmp_path, monkeypatch):
     assert message.startswith("error: --options is the original's name of --cfg-options"), message
 
 
+def test_tools_leave_the_process_group(tmp_path, monkeypatch):
+    """train and test leave the gloo group they joined, also when the run fails: a group left to the
+    interpreter's exit could abort a finished run's process."""
+    import socket
+
+    import torch.distributed as dist
+
+    import elsa_mm.tools
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    seen = capture_runs(monkeypatch)
+    groups = []
+
+    def fail(self):
+        groups.append(dist.is_initialized())
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(elsa_mm.tools.Runner, "train", fail)
+    train = load_tool("det", "train")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        train.main([str(MASK_T), "--launcher", "pytorch"])
+    assert groups == [True] and not dist.is_initialized()
+    assert seen[-1].model_wrapper_cfg.device_ids is None
+    ckpt = tmp_path / "detector.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    load_tool("det", "test").main([str(MASK_T), str(ckpt), "--launcher", "pytorch"])
+    assert len(seen) == 2 and not dist.is_initialized()
+
+
 def test_original_test_flags(tmp_path, monkeypatch):
     """The original's tools/test.py flags, each on the config the Runner gets."""
     monkeypatch.chdir(tmp_path)
