@@ -8,19 +8,27 @@ torch's global decomposition table: inductor treats an operator with a registere
 should decompose, and refuses to fall back to its kernel when the ``CI`` environment variable is set.
 A program already made by ``torch.export`` can be decomposed with :func:`decompositions`.
 
-Two forms (:data:`FORMS`), chosen with :func:`decomposition_form`:
+Three forms (:data:`FORMS`), chosen with :func:`decomposition_form`:
 
-- ``"windows"`` (the default): one Gather takes every pixel's K * K window out of the zero-padded
-  features, and one batched MatMul weighs each window's taps by the pixel's attention, so that a layer is
-  a handful of nodes whatever K is. It holds the K * K windows at once: K * K times the features' memory.
+- ``"blocks"`` (the default): the output is cut into blocks of K x K pixels. One Gather takes each
+  block's patch of the zero-padded features (the S x S pixels its windows cover, S = K + (K - 1) *
+  dilation), a second Gather with a constant index spreads the block's attention into a
+  ``[K * K, S * S]`` weight matrix (zero where a pixel's window does not reach), and one batched MatMul
+  gives the block. It holds the patches, (S / K)^2 times the features, and the weight matrices, S * S
+  numbers per pixel and group. It is written for stride 1 with no ghost kernel on the taps (an additive
+  one shared by the batch is the convolution below); other calls take the windows form.
+- ``"windows"``: one Gather takes every pixel's K * K window out of the zero-padded features, and one
+  batched MatMul weighs each window's taps by the pixel's attention. It holds the K * K windows at once:
+  K * K times the features' memory.
 - ``"taps"``: a sum over the K * K taps; for tap (p, q), the padded features shifted by the tap's offset
   are one strided slice, multiplied by the tap's attention and accumulated. Its intermediates are each the
   size of the features, but a layer is about 4 * K * K nodes, which takes much longer to export and runs
   slower in onnxruntime.
 
-In both, the multiplicative ghost kernel scales the taps, and an additive ghost kernel shared by the batch is
-a depthwise convolution of the features, added once (a per-image one is weighed with the taps: a
-convolution's group count cannot follow a dynamic batch).
+In all three a layer is a handful of nodes whatever K is, except in the taps form. The multiplicative ghost
+kernel scales the taps, and an additive ghost kernel shared by the batch is a depthwise convolution of the
+features, added once (a per-image one is weighed with the taps: a convolution's group count cannot follow
+a dynamic batch).
 """
 
 import contextlib
@@ -33,19 +41,19 @@ from torch import Tensor
 
 __all__ = ["FORMS", "decomposition_form", "decompositions", "elsa_forward_decomposition"]
 
-FORMS = ("windows", "taps")
-_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("elsa_decomposition_form", default="windows")
+FORMS = ("blocks", "windows", "taps")
+_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("elsa_decomposition_form", default=FORMS[0])
 
 
 @contextlib.contextmanager
 def decomposition_form(form: str) -> Iterator[None]:
     """Within the block, the ELSA operator is exported in ``form`` (one of :data:`FORMS`)::
 
-        with elsa_op.decomposition.decomposition_form("taps"):
+        with elsa_op.decomposition.decomposition_form("windows"):
             torch.onnx.export(model, (x,), dynamo=True)
 
     Args:
-        form (str): ``"windows"`` (the default outside the block) or ``"taps"``.
+        form (str): ``"blocks"`` (the default outside the block), ``"windows"`` or ``"taps"``.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -107,6 +115,77 @@ def _windows_form(
     return out.transpose(2, 3)
 
 
+def _block_weights_index(b: int, K: int, d: int) -> Tensor:
+    """Where each entry of a block's weight matrix comes from (a constant: it depends on no size).
+
+    A block of b x b output pixels (stride 1) reads the S x S patch of the padded features that its windows
+    cover, S = b + (K - 1) * d. Its weight matrix ``[b * b, S * S]`` holds pixel ``(u, v)``'s attention
+    for tap ``(p, q)`` at patch position ``(u + p * d, v + q * d)`` and zero elsewhere.
+
+    Returns:
+        Tensor[b * b * S * S] (int64): for each entry, its index in the block's attention flattened as
+        ``[b, b, K, K]`` (pixel row and column, tap row and column), or ``b * b * K * K``: a zero appended
+        to it.
+    """
+    S = b + (K - 1) * d
+    # Built from aranges rather than by item assignment: an exporter traces whatever runs here, and a few
+    # broadcast ops fold into one constant where thousands of assignments would each become a node.
+    u = torch.arange(b).reshape(b, 1, 1, 1)
+    v = torch.arange(b).reshape(1, b, 1, 1)
+    p = torch.arange(K).reshape(1, 1, K, 1)
+    q = torch.arange(K).reshape(1, 1, 1, K)
+    position = (((u * b + v) * S + u + p * d) * S + v + q * d).reshape(-1)
+    index = torch.full((b * b * S * S,), b * b * K * K, dtype=torch.int64)
+    return index.scatter(0, position, torch.arange(b * b * K * K))
+
+
+def _pad_if_needed(t: Tensor, pad: list) -> Tensor:
+    """F.pad, left out when every amount is known to be zero (sizes fixed at export need no Pad node)."""
+    if all(isinstance(amount, int) and amount == 0 for amount in pad):
+        return t
+    return F.pad(t, pad)
+
+
+def _blocks_form(features: Tensor, h_attn: Tensor, K: int, d: int) -> Tensor:
+    """Stride 1, no ghost kernel on the taps: [B, C, H, W] out.
+
+    The output is cut into blocks of K x K pixels, each of which reads an S x S patch of the padded
+    features, S = K + (K - 1) * d. A block's attention is spread into a dense ``[K * K, S * S]`` weight
+    matrix over its patch (one Gather with a constant index), and one batched MatMul of the weights and the
+    gathered patches gives the block. The patches are about (S / K)^2 = 4 times the features (d = 1), not
+    K * K times, and each product has K * K rows, not one per pixel.
+
+    The attention and the output are reordered pixel-major (channels last): each move then carries whole
+    runs of taps or channels, and the transposes at either end cancel those of a channels-last caller.
+    """
+    B, C, H, W = features.shape
+    G, KK = h_attn.shape[1], h_attn.shape[2]
+    Cg, b, r = C // G, K, K // 2 * d
+    S = b + (K - 1) * d
+    rows, cols = (H + b - 1) // b, (W + b - 1) // b
+    # Features, zero-padded for the windows' margin and out to whole blocks: [B, G, pixels, C/G], then the
+    # patch of each block, [B, G, blocks, S * S, C/G].
+    padded = F.pad(features, (r, r + cols * b - W, r, r + rows * b - H))
+    Hq, Wq = padded.shape[2], padded.shape[3]
+    pixels = padded.reshape(B, G, Cg, Hq * Wq).transpose(2, 3)
+    offsets = torch.arange(S, device=features.device)
+    top = torch.arange(rows, device=features.device) * b
+    left = torch.arange(cols, device=features.device) * b
+    index = (top.reshape(-1, 1, 1, 1) + offsets.reshape(1, 1, -1, 1)) * Wq
+    index = (index + left.reshape(1, -1, 1, 1) + offsets.reshape(1, 1, 1, -1)).reshape(-1)
+    patches = pixels.index_select(2, index).reshape(B, G, rows * cols, S * S, Cg)
+    # Attention, [B, H, W, G, K*K] -> per block [b, b, K*K] -> weights [b * b, S * S].
+    attn = _pad_if_needed(h_attn.permute(0, 3, 4, 1, 2), [0, 0, 0, 0, 0, cols * b - W, 0, rows * b - H])
+    attn = attn.reshape(B, rows, b, cols, b, G, KK).permute(0, 5, 1, 3, 2, 4, 6)
+    attn = F.pad(attn.reshape(B, G, rows * cols, b * b * KK), (0, 1))  # the zero of the empty entries
+    weights = attn.index_select(3, _block_weights_index(b, K, d).to(attn.device))
+    out = torch.matmul(weights.reshape(B, G, rows * cols, b * b, S * S), patches)  # [B, G, blocks, b*b, C/G]
+    out = out.reshape(B, G, rows, cols, b, b, Cg).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, rows * b, cols * b, C)
+    if not (isinstance(H, int) and H == rows * b and isinstance(W, int) and W == cols * b):
+        out = out[:, :H, :W]
+    return out.permute(0, 3, 1, 2)
+
+
 def _taps_form(
     padded: Tensor, h_attn: Tensor, mul: Tensor | None, add: Tensor | None, K: int, d: int, s: int
 ) -> Tensor:
@@ -150,7 +229,7 @@ def elsa_forward_decomposition(
         dilation (int): spacing of the window taps.
         stride (int): output stride; ``Ho = (H - 1) // stride + 1``.
         form (str, optional): one of :data:`FORMS`; None takes the one :func:`decomposition_form` set
-            (``"windows"`` by default). Default: None.
+            (``"blocks"`` by default). Default: None.
 
     Returns:
         Tensor[B, C, Ho, Wo]: the operator's output, in the features' dtype (sums are taken in the
@@ -166,8 +245,6 @@ def elsa_forward_decomposition(
     dtype = features.dtype
     for ghost in (ghost_mul, ghost_add):
         dtype = dtype if ghost is None else torch.promote_types(dtype, ghost.dtype)
-    # Channels of a group share the attention: [B, G, C/G, Hp, Wp] features against [B, G, K*K, Ho, Wo] taps.
-    padded = F.pad(features.to(dtype), (r, r, r, r)).reshape(B, G, C // G, H + 2 * r, W + 2 * r)
     h = h_attn.to(dtype)
 
     def per_tap(ghost: Tensor) -> Tensor:  # [C or B*C, K, K] -> [1 or B, G, 1, K*K, C/G]
@@ -176,11 +253,13 @@ def elsa_forward_decomposition(
     mul = per_tap(ghost_mul) if ghost_mul is not None else None
     add_as_conv = ghost_add is not None and ghost_add.dim() == 3
     add = per_tap(ghost_add) if ghost_add is not None and not add_as_conv else None
-    if form == "windows":
-        out = _windows_form(padded, h, mul, add, K, d, s)
+    if form == "blocks" and s == 1 and mul is None and add is None:
+        result = _blocks_form(features.to(dtype), h, K, d)
     else:
-        out = _taps_form(padded, h, mul, add, K, d, s)
-    result = out.reshape(B, C, Ho, Wo)
+        # Channels of a group share the attention: [B, G, C/G, Hp, Wp] features against [B, G, K*K, Ho, Wo].
+        padded = F.pad(features.to(dtype), (r, r, r, r)).reshape(B, G, C // G, H + 2 * r, W + 2 * r)
+        taps = _taps_form if form == "taps" else _windows_form  # blocks' other cases: windows
+        result = taps(padded, h, mul, add, K, d, s).reshape(B, C, Ho, Wo)
     if add_as_conv:
         assert ghost_add is not None
         kernel = ghost_add.reshape(C, 1, K, K).to(dtype)

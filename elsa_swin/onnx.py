@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint_file
 from .classifier import create_from_checkpoint
 
 
-def export(model: torch.nn.Module, x: torch.Tensor, path: Path, form: str = "windows") -> None:
+def export(model: torch.nn.Module, x: torch.Tensor, path: Path, form: str = "blocks") -> None:
     """Write ``model`` (in eval mode) as ONNX, its input's batch axis dynamic.
 
     Args:
@@ -32,7 +32,7 @@ def export(model: torch.nn.Module, x: torch.Tensor, path: Path, form: str = "win
         x (Tensor[B, 3, H, W]): the example input, B >= 2 (a batch of 1 would be specialised to 1).
         path (Path): the ``.onnx`` file to write; its folder is created.
         form (str): how the ELSA layers are written, one of :data:`elsa_op.decomposition.FORMS`.
-            Default: ``"windows"``.
+            Default: ``"blocks"``.
     """
     batch = torch.export.Dim("batch", min=1)
     with decomposition_form(form):
@@ -117,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--elsa-form",
         choices=FORMS,
-        default="windows",
-        help="how each ELSA layer is written: 'windows' (one Gather and one MatMul, faster, K*K times the "
-        "features' memory) or 'taps' (a slice, multiply and add per window tap)",
+        default="blocks",
+        help="how each ELSA layer is written (elsa_op.decomposition): 'blocks' (blocks of K x K pixels, each "
+        "one MatMul; the fastest and the least memory), 'windows' (every pixel's window gathered, K*K times "
+        "the features' memory) or 'taps' (a slice, multiply and add per window tap)",
     )
     args = parser.parse_args(argv)
     try:

@@ -1,8 +1,9 @@
-"""ONNX: the ELSA op's export decomposition in both forms (exact, the memory each holds, every case the op
+"""ONNX: the ELSA op's export decomposition in each form (exact, the memory each holds, every case the op
 takes, dynamic batch and image size), tools/export_onnx.py, and plain torch.onnx.export of the classifier
 and the dense backbone, checked with onnxruntime."""
 
 import collections
+import functools
 import re
 import subprocess
 import sys
@@ -45,23 +46,58 @@ def test_decomposition_matches_the_kernels(B, C, H, W, G, K, dilation, stride, g
     )
 
 
+def largest_intermediate(function, *inputs) -> int:
+    graph = make_fx(function)(*inputs)
+    return max(
+        n.meta["val"].numel()
+        for n in graph.graph.nodes
+        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+    )
+
+
+@pytest.mark.parametrize(
+    "B,C,H,W,G,K,dilation,layout,shared_add",
+    [
+        (2, 6, 7, 9, 3, 3, 2, "nchw", False),  # blocks cut by the image's edge
+        (1, 8, 10, 11, 2, 5, 1, "channels_last", True),
+        (2, 6, 14, 14, 3, 7, 1, "channels_last", True),  # whole blocks, as in ELSA-Swin
+        (1, 4, 15, 8, 1, 7, 3, "nchw", False),
+        (3, 4, 4, 3, 2, 1, 1, "nchw", True),  # K = 1: blocks of one pixel
+    ],
+)
+def test_the_blocks_form_is_exact_where_it_applies(B, C, H, W, G, K, dilation, layout, shared_add):
+    """Stride 1 with no ghost kernel on the taps (an additive one shared by the batch is a convolution) takes
+    the blocks form's own path: its largest intermediate is the blocks' weight matrices, [K * K, S * S] per
+    block and group, and it agrees with the kernels."""
+    ghost = "broadcast" if shared_add else None
+    x, h, _, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, ghost=ghost, layout=layout, grad=False)
+    h = h if h.dim() == 5 else h.unsqueeze(1)
+    got = elsa_forward_decomposition(x, h, None, a, K, dilation, 1, "blocks")
+    want = elsa_function(x, h, None, a, kernel_size=K, dilation=dilation, stride=1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    S, blocks = K + (K - 1) * dilation, -(-H // K) * -(-W // K)
+    form = functools.partial(elsa_forward_decomposition, kernel_size=K, dilation=dilation, stride=1, form="blocks")
+    assert largest_intermediate(lambda *t: form(*t), x, h, None, a) == max(B * G * blocks * K * K * S * S, x.numel())
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("ghost", GHOSTS)
 def test_the_memory_each_form_holds(ghost, form):
     """The taps form never holds the K * K taps at once: its largest intermediate is the padded features.
     The windows form holds them once: its largest is the K * K windows of every pixel, K * K times the
-    features (a ghost kernel per image is weighed with them, in a product of that size too)."""
+    features (a ghost kernel per image is weighed with them, in a product of that size too). The blocks form
+    holds S * S weights per pixel and group, S = 2 * K - 1 here; with a multiplicative ghost kernel it is
+    written as the windows form."""
     B, C, H, W, G, K = 2, 8, 12, 12, 2, 7
     x, h, m, a = make_inputs(B=B, C=C, H=H, W=W, G=G, K=K, ghost=ghost, dtype=torch.float32, grad=False)
     h = h.reshape(B, G, K * K, H, W)
-    graph = make_fx(lambda *t: elsa_forward_decomposition(*t, K, 1, 1, form))(x, h, m, a)
-    sizes = [
-        n.meta["val"].numel()
-        for n in graph.graph.nodes
-        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
-    ]
-    expected = B * C * (H + K - 1) * (W + K - 1) if form == "taps" else K * K * B * C * H * W
-    assert max(sizes) == expected
+    largest = largest_intermediate(lambda *t: elsa_forward_decomposition(*t, K, 1, 1, form), x, h, m, a)
+    expected = {
+        "taps": B * C * (H + K - 1) * (W + K - 1),
+        "windows": K * K * B * C * H * W,
+        "blocks": B * G * 4 * K * K * (2 * K - 1) ** 2 if ghost is None else K * K * B * C * H * W,
+    }[form]
+    assert largest == expected
 
 
 def test_the_form_is_checked():
@@ -83,7 +119,7 @@ class OpModule(torch.nn.Module):
         self.logits = torch.nn.Conv2d(3, G * K * K, 1, stride=stride)
         shared = torch.nn.Parameter(torch.randn(C, K, K) * 0.5)
         self.ghost = ghost
-        self.shared = shared if ghost in ("broadcast", "mixed") else None
+        self.shared = shared if ghost in ("broadcast", "mixed", "add") else None
         self.per_image = torch.nn.Linear(3, C * K * K) if ghost in ("batched", "mixed") else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -97,7 +133,7 @@ class OpModule(torch.nn.Module):
         if self.per_image is not None:  # a [B, C, K, K] kernel made from each image's mean colour
             per_image = self.per_image(image.mean((2, 3))).reshape(B, -1, K, K)
         mul = {"broadcast": self.shared, "batched": per_image, "mixed": self.shared}.get(self.ghost)
-        add = {"broadcast": self.shared, "batched": per_image, "mixed": per_image}.get(self.ghost)
+        add = {"broadcast": self.shared, "batched": per_image, "mixed": per_image, "add": self.shared}.get(self.ghost)
         return elsa_function(v, h, mul, add, kernel_size=K, dilation=self.dilation, stride=self.stride)
 
 
@@ -114,6 +150,9 @@ def op_types(path: Path) -> collections.Counter:
         (2, 7, 1, 1, None, True, "windows"),
         (1, 3, 3, 3, "broadcast", False, "windows"),
         (4, 3, 2, 2, "mixed", True, "taps"),
+        (2, 7, 1, 1, None, True, "blocks"),
+        (1, 3, 2, 1, "add", False, "blocks"),
+        (4, 3, 1, 2, "mixed", False, "blocks"),  # written as the windows form
     ],
 )
 def test_the_op_exports_with_dynamic_batch_and_size(tmp_path, G, K, dilation, stride, ghost, channels_last, form):
@@ -126,8 +165,12 @@ def test_the_op_exports_with_dynamic_batch_and_size(tmp_path, G, K, dilation, st
         )
     program.save(str(tmp_path / "op.onnx"))
     ops = op_types(tmp_path / "op.onnx")
-    # windows: the K * K taps are one Gather and one MatMul; taps: one Slice of the features per tap
-    assert (ops["Gather"] >= 1 and ops["MatMul"] == 1) if form == "windows" else ops["Slice"] >= K * K
+    # windows: the K * K taps are one Gather and one MatMul; blocks: a Gather of the patches, one of the
+    # weights, and one MatMul; taps: one Slice of the features per tap
+    if form == "taps":
+        assert ops["Slice"] >= K * K
+    else:
+        assert ops["Gather"] >= (2 if form == "blocks" and stride == 1 else 1) and ops["MatMul"] == 1
     session = onnxruntime.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
     for shape in [(3, 3, 9, 16), (1, 3, 5, 4)]:
         image = torch.randn(shape)
@@ -182,12 +225,12 @@ def test_export_tool(tmp_path, capsys):
     printed = capsys.readouterr().out
     diff = float(re.search(r"max abs difference (\S+)", printed).group(1))
     assert diff <= ATOL and out.stat().st_size > 0
-    # the time and the nodes by type; each of the 6 ELSA layers is one Gather of the windows and one MatMul
-    # by the attention (the taps form wrote 2 * 49 Slices per layer)
-    total = int(re.search(r"exported elsa_swin_nano in [0-9.]+ s \(windows form\): (\d+) nodes", printed).group(1))
+    # the time and the nodes by type; each of the 6 ELSA layers is two Gathers (the blocks' patches and
+    # weights) and one MatMul (the taps form wrote 2 * 49 Slices per layer)
+    total = int(re.search(r"exported elsa_swin_nano in [0-9.]+ s \(blocks form\): (\d+) nodes", printed).group(1))
     counts = {op: int(n) for op, n in re.findall(r"(\w+) (\d+)", printed.split("nodes by type: ")[1].splitlines()[0])}
     assert sum(counts.values()) == total == sum(op_types(out).values())
-    assert counts.get("Slice", 0) < 49 and counts["Gather"] >= 6
+    assert counts.get("Slice", 0) < 49 and counts["Gather"] >= 12
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": torch.randn(5, 3, 64, 64).numpy()})[0].shape == (5, 7)  # dynamic batch
 
@@ -277,3 +320,4 @@ def test_aoti_dense_backbone_takes_the_classifiers_architecture_and_weights(elsa
     with torch.no_grad():
         feats = backbone(torch.randn(1, 3, 224, 224))
     assert [f.shape[1] for f in feats] == [model.embed_dim * 2**i for i in range(4)]
+
