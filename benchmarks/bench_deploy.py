@@ -3,8 +3,9 @@
 For each model: eager PyTorch, its ONNX export (``torch.onnx.export(..., dynamo=True)``, dynamic batch) in
 onnxruntime on the CPU, and its AOTInductor package (``elsa_swin.aoti``) on the CPU, at batch 1 and 8.
 The timings of the two models are interleaved (one run of each in turn, repeated), so that a machine
-whose speed drifts slows both alike; each cell is the median. Prints a markdown table with images/s
-and the ratios ELSA-Swin-T / Swin-T and package / eager.
+whose speed drifts slows both alike. Prints a markdown table with images/s (the median over the rounds)
+and the ratios ELSA-Swin-T / Swin-T and package / eager: the median of the rounds' ratios, with their
+range over the rounds as the spread. ``benchmarks/profile_aoti.py`` shows where the packages' time goes.
 
 A second table shows the forms an ELSA layer can be exported in (``elsa_op.decomposition.FORMS``): for
 ELSA-Swin-T's first ELSA layer (56x56 pixels, 96 channels at 224x224) alone in onnxruntime, its export
@@ -45,6 +46,9 @@ def onnx_runner(path: Path, threads: int) -> Callable[[Any], Any]:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle threads sleep rather than spin: spinning ones take the cores from the runtime timed next, and
+    # from the ELSA operator's many short parallel loops most of all.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x if isinstance(x, np.ndarray) else x.numpy()})
@@ -106,22 +110,35 @@ def elsa_layer_forms(
         seconds = time_interleaved(runners, rounds, warmup=1)
         for form, path in paths.items():
             peak = peak_memory(path, (batch, *shape), threads)
-            rows.append((form, export_seconds[form], batch, seconds[form], peak))
+            rows.append((form, export_seconds[form], batch, statistics.median(seconds[form]), peak))
     return rows
 
 
-def time_interleaved(runners: dict[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each runner, calling them in turn ``rounds`` times."""
+def time_interleaved(runners: dict[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each runner, one per round, calling them in turn ``rounds`` times.
+
+    Each round starts one runner further along the list: a runtime's threads keep spinning for a while
+    after its call (onnxruntime's and OpenMP's, by default), which slows the call after it, and the
+    rotation spreads that over every runner instead of always charging the same one.
+    """
     for run in runners.values():
         for _ in range(warmup):
             run()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, run in runners.items():
+    keys = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for round_ in range(rounds):
+        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
             start = time.perf_counter()
-            run()
+            runners[key]()
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def speedup(base: list[float], other: list[float]) -> str:
+    """How many times faster ``other`` ran than ``base`` (seconds per call, timed in the same rounds): the median
+    of the rounds' ratios, and their range in brackets (a round compares calls made moments apart)."""
+    per_round = sorted(b / o for b, o in zip(base, other, strict=True))
+    return f"{statistics.median(per_round):.2f}x ({per_round[0]:.2f}-{per_round[-1]:.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-aoti", action="store_true")
     parser.add_argument(
-        "--elsa-form", choices=FORMS, default="windows", help="how ELSA-Swin-T's ELSA layers are exported to ONNX"
+        "--elsa-forms",
+        nargs="+",
+        choices=FORMS,
+        default=["blocks", "windows"],
+        help="the forms ELSA-Swin-T's ELSA layers are exported in to ONNX, one onnxruntime row each",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where to keep the exported files (default: temp)")
     args = parser.parse_args(argv)
@@ -143,16 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_deploy_"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    runtimes: dict[str, dict[str, Callable[[torch.Tensor], Any]]] = {"eager": {}, "onnxruntime": {}, "AOTInductor": {}}
+    elsa, swin = MODELS
+    # One onnxruntime row per form of ELSA-Swin-T's export; Swin-T, which has no ELSA layer, is exported once
+    # and its timings serve every row.
+    onnx_forms = [] if args.skip_onnx else args.elsa_forms
+    onnx_rows = [f"onnxruntime, {form} form" for form in onnx_forms]
+    runtimes: dict[str, dict[str, Callable[[torch.Tensor], Any]]] = {"eager": {}}
+    runtimes.update({row: {} for row in onnx_rows})
+    runtimes["AOTInductor"] = {}
     torch.manual_seed(0)
     for label, name in MODELS.items():
         model = timm.create_model(name).eval()
         runtimes["eager"][label] = torch.no_grad()(model)
-        if not args.skip_onnx:
-            print(f"exporting {label} to ONNX ...", file=sys.stderr, flush=True)
-            path = workdir / f"{name}.onnx"
+        for row, form in zip(onnx_rows, onnx_forms, strict=True):
+            if label == swin and row != onnx_rows[0]:
+                continue
+            print(f"exporting {label} to ONNX" + (f" ({form} form)" if label == elsa else "") + " ...", file=sys.stderr)
+            path = workdir / f"{name}_{form}.onnx"
             start = time.perf_counter()
-            runtimes["onnxruntime"][label] = onnx_session(model, path, args.img_size, args.threads, args.elsa_form)
+            runtimes[row][label] = onnx_session(model, path, args.img_size, args.threads, form)
             print(f"  exported in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         if not args.skip_aoti:
             print(f"packaging {label} with AOTInductor ...", file=sys.stderr, flush=True)
@@ -162,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             compiled = load_package(package(program, workdir / f"{name}.pt2"))
             runtimes["AOTInductor"][label] = torch.no_grad()(compiled)
 
-    results: dict[tuple[str, int, str], float] = {}
+    results: dict[tuple[str, int, str], list[float]] = {}
     for batch in args.batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size)
         runners = {
@@ -173,19 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing batch {batch} ...", file=sys.stderr, flush=True)
         for key, seconds in time_interleaved(runners, args.rounds, args.warmup).items():
             runtime, label = key.split("|")
-            results[(runtime, batch, label)] = batch / seconds
+            results[(runtime, batch, label)] = seconds
 
-    elsa, swin = MODELS
-    print(f"\nCPU, {args.threads} threads, {args.img_size}x{args.img_size}, images/s (median of {args.rounds}):\n")
+    print(
+        f"\nCPU, {args.threads} threads, {args.img_size}x{args.img_size}, images/s (median of {args.rounds} "
+        "rounds); ratios: median of the rounds' ratios (their range):\n"
+    )
     print(f"| runtime | batch | {elsa} | {swin} | {elsa} / {swin} | {elsa} vs its eager |")
     print("|---|---:|---:|---:|---:|---:|")
     for runtime, per_model in runtimes.items():
         if not per_model:
             continue
         for batch in args.batches:
-            e, s = results[(runtime, batch, elsa)], results[(runtime, batch, swin)]
-            vs_eager = e / results[("eager", batch, elsa)]
-            print(f"| {runtime} | {batch} | {e:.2f} | {s:.2f} | {e / s:.2f}x | {vs_eager:.2f}x |")
+            e = results[(runtime, batch, elsa)]
+            s = results[(onnx_rows[0] if runtime in onnx_rows else runtime, batch, swin)]
+            speed_e, speed_s = batch / statistics.median(e), batch / statistics.median(s)
+            vs_swin, vs_eager = speedup(s, e), speedup(results[("eager", batch, elsa)], e)
+            print(f"| {runtime} | {batch} | {speed_e:.2f} | {speed_s:.2f} | {vs_swin} | {vs_eager} |")
     if not args.skip_onnx:
         elsa_model = timm.create_model(MODELS[elsa]).eval()
         rows = elsa_layer_forms(elsa_model, args.img_size, args.batches, args.threads, args.rounds, workdir)

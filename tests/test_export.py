@@ -4,6 +4,7 @@ and the dense backbone, checked with onnxruntime."""
 
 import collections
 import functools
+import importlib.util
 import re
 import subprocess
 import sys
@@ -321,3 +322,17 @@ def test_aoti_dense_backbone_takes_the_classifiers_architecture_and_weights(elsa
         feats = backbone(torch.randn(1, 3, 224, 224))
     assert [f.shape[1] for f in feats] == [model.embed_dim * 2**i for i in range(4)]
 
+
+def test_the_deployment_benchmark_rotates_its_runners_and_pairs_rounds():
+    """bench_deploy.py's figures: each round starts one runner further along (so that no runner always
+    follows the same one's spinning threads), and a ratio is the median of the rounds' ratios, with their
+    range."""
+    spec = importlib.util.spec_from_file_location("bench_deploy", REPO / "benchmarks" / "bench_deploy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls: list[str] = []
+    runners = {key: functools.partial(calls.append, key) for key in "abc"}
+    times = bench.time_interleaved(runners, rounds=4, warmup=1)
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"  # the warm-up, then 4 rotated rounds
+    assert {key: len(seconds) for key, seconds in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert bench.speedup([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == "3.00x (2.00-4.00)"
