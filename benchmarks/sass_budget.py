@@ -709,6 +709,23 @@ def bank_wavefronts(words: list[int]) -> int:
     return max((len(s) for s in banks.values()), default=0)
 
 
+def sum_stride(chunk_vectors: int) -> int:
+    """kernels.cuh's attn_ghost_sum_stride: the fused pass's slots per tap in a pixel's weighted sums, the
+    chunk's channel vectors padded to an odd count, so that 32 taps read at that stride hit 32 banks."""
+    return chunk_vectors | 1
+
+
+def sum_store_words(chunk_vectors: int, pairs: list[int]) -> list[int]:
+    """The shared words the fused pass's step 2 stores the weighted sums of (channel vector, tap) pairs at."""
+    return [pp // chunk_vectors * sum_stride(chunk_vectors) + pp % chunk_vectors for pp in pairs]
+
+
+def sum_read_words(chunk_vectors: int, chunk_taps: int, items: list[int]) -> list[int]:
+    """The first shared word of each (pixel, tap) item's sums that step 3 reads (its next ones follow)."""
+    stride = sum_stride(chunk_vectors)
+    return [i // chunk_taps * chunk_taps * stride + i % chunk_taps * stride for i in items]
+
+
 @dataclasses.dataclass
 class Whole:
     """A kernel over its whole grid: what every warp issues, and what it costs the memory paths."""
@@ -997,7 +1014,7 @@ def attn_ghost_whole(flow: Flow, dtype: str, L: Layer, V: int, arch: str, regist
         sum_cost = sum_cost + flow.count(inner.blocks) * (remaining // unroll)
         remaining -= remaining // unroll * unroll
     step_items = plan["step"] * ct
-    pixel_sums = ct * (cv + 1)
+    pixel_sums = ct * sum_stride(cv)
     per_warp_step = []
     waves_step = []
     for w in range(warps):
@@ -1021,10 +1038,10 @@ def attn_ghost_whole(flow: Flow, dtype: str, L: Layer, V: int, arch: str, regist
                 continue
             go = [(pp % cv) * V * item for pp in pairs]
             x = [((pp // cv) % L.K * L.C + (pp % cv) * V) * item for pp in pairs]
-            slots = [pp // cv * (cv + 1) + pp % cv for pp in pairs]
+            slots = sum_store_words(cv, pairs)
             waves += step_runs * 4 * (vector_waves(go, V * item) + vector_waves(x, V * item) + bank_wavefronts(slots))
         for r in rounds:  # part 3: each item's sums, then its store
-            words = [i // ct * pixel_sums + i % ct * (cv + 1) for i in r]
+            words = sum_read_words(cv, ct, r)
             waves += cv * bank_wavefronts(words) + wavefronts(
                 [(i // ct * L.G * L.K**2 + i % ct) * item for i in r], item
             )
@@ -1060,7 +1077,7 @@ def attn_plan(L: Layer, V: int) -> dict:
     chunk_vectors = max(d for d in range(1, cvh + 1) if cvh % d == 0 and d * min(kk, max_pairs) <= max_pairs)
     chunk_taps = min(kk, max_pairs // chunk_vectors)
     chunks = (cvh // chunk_vectors) * -(-kk // chunk_taps)
-    step = min(max(32768 // ((chunk_vectors + 1) * chunk_taps * 4), 1), 8)
+    step = min(max(32768 // (sum_stride(chunk_vectors) * chunk_taps * 4), 1), 8)
     step = max(step // 4, 1) * 4
     plane = L.H * (-(-L.W // 4) * 4)
     others = max(1, L.B * L.G * chunks)

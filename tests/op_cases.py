@@ -19,6 +19,16 @@ GEOMETRIES = [
     (1, 16, 9, 7, 2, 3, 2, 4),  # stride larger than the dilation
 ]
 
+# B, C, H, W, G, K, dilation, stride, dtype, then the chunk_vectors and channel_chunks launch.h's plan_attn_ghost
+# gives them: heads whose fused backward pass takes an odd number of channel vectors per chunk, so that a tap's
+# weighted sums in shared memory get no padding slot (5 float32 vectors, 3 bfloat16 vectors, and 3 float32
+# vectors of 15 in 5 chunks with K = 11).
+ODD_CHUNK_CASES = [
+    (2, 40, 9, 11, 2, 7, 1, 1, torch.float32, 5, 1),
+    (2, 48, 9, 11, 2, 7, 1, 1, torch.bfloat16, 3, 1),
+    (1, 60, 7, 6, 1, 11, 1, 1, torch.float32, 3, 5),
+]
+
 # B, C, H, W, G, K, dilation, stride, ghost: vector blocks and scalar tails of the CPU's channel loop (37 and 45
 # channels per group), windows wider than the image, pairs of interior pixels, strides and dilations.
 CL_CASES = [

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_cases import GEOMETRIES, assert_close_scaled, geometry_id, make_case, reference_grads
+from op_cases import (
+    GEOMETRIES,
+    ODD_CHUNK_CASES,
+    assert_close_scaled,
+    geometry_id,
+    make_case,
+    reference_grads,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.emulation
@@ -161,6 +168,17 @@ def test_emulated_large_heads_and_kernels(emu):
         emu, 1, 16, 6, 5, 2, 15, 1, 1, torch.float32, "broadcast", "channels_last", subsets=[(True, True, True)]
     )
     assert "forward<0,4>" in ran
+
+
+@pytest.mark.parametrize("case", ODD_CHUNK_CASES, ids=lambda c: geometry_id(c[:8]) + f"-{c[8]}")
+def test_emulated_odd_chunks_of_channel_vectors(emu, case):
+    """An odd number of channel vectors per chunk of the fused pass: each tap's weighted sums take exactly that
+    many slots of shared memory (an odd stride, no padding), written and read back at the same places, in one
+    chunk and summed over several."""
+    *geometry, dtype, _, channel_chunks = case
+    ran = _check(emu, *geometry, dtype, "broadcast", "channels_last", subsets=[(True, True, True)])
+    assert f"attn_ghost<{geometry[5]},{16 // dtype.itemsize}>" in ran, ran
+    assert ("chunk_sum" in ran) == (channel_chunks > 1)
 
 
 def test_emulated_sums_over_many_taps_and_tiles(emu):

@@ -573,8 +573,8 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
 //      shared memory;
 //   3. every thread takes (pixel, tap) items of the step, kAttnThreads apart, sums each over the chunk's channel
 //      vectors in a fixed order and writes the attention gradient. The sums of one (pixel, tap) lie next to each
-//      other, and a tap's are padded by one slot, so that the lanes of a warp, which take neighbouring taps,
-//      read from different banks.
+//      other, and a tap's take an odd number of slots (attn_ghost_sum_stride), so that the lanes of a warp,
+//      which take neighbouring taps, read from different banks.
 // At the end each thread writes its pairs' ghost sums as the tile's partial sums; ghost_reduce_item sums
 // the tiles in a fixed order. Nothing is atomic, so results are bit-identical from run to run.
 //
@@ -585,6 +585,13 @@ ELSA_HD void features_item(const GatherArgs<T>& A, int row, int item) {
 constexpr int kAttnThreads = 256;
 constexpr int kPairsPerThread = 2;
 constexpr int kMaxPairs = kAttnThreads * kPairsPerThread;
+
+// Slots of one tap's weighted sums in a pixel's sums: its chunk_vectors sums, padded to an odd count. Step 3's
+// lanes read neighbouring taps at this stride of 4-byte words, and an odd stride puts 32 of them in 32 distinct
+// banks; an even one (chunk_vectors + 1 for an odd chunk_vectors) would fold them onto half the banks or fewer.
+ELSA_HD constexpr int attn_ghost_sum_stride(int chunk_vectors) {
+  return chunk_vectors | 1;
+}
 
 template <typename T>
 struct AttnGhostArgs {
@@ -622,7 +629,7 @@ struct AttnGhostThread {
   // The pixels of a row whose tap lies inside the image have x coordinates j * stride + dx in [0, x_lim);
   // x_lim = min(W, Wo * stride + dx) also stops a run at the row's last pixel.
   int x_lim[kPairsPerThread];
-  int sum_slot[kPairsPerThread];  // the pair's weighted sum in a pixel's sums: tap * (chunk_vectors + 1) + vector
+  int sum_slot[kPairsPerThread];  // the pair's weighted sum in a pixel's sums: tap * sum stride + vector
   int sum_n, sum_tl;              // the thread's first item of step 3: pixel tid / chunk_taps, tap tid % chunk_taps
   A mv[kPairsPerThread][V], sum_mul[kPairsPerThread][V], sum_add[kPairsPerThread][V];
 };
@@ -642,10 +649,10 @@ ELSA_HD Index attn_ghost_row_slots(const Geometry<Index>& g) {
 }
 
 // Shared memory of one block: step_pixels / kRunPixels StepRuns, then for each of the step's pixels its
-// chunk_taps * (chunk_vectors + 1) weighted sums (a tap's chunk_vectors sums and a slot of padding).
+// chunk_taps * attn_ghost_sum_stride(chunk_vectors) weighted sums (a tap's chunk_vectors sums, padded to odd).
 template <typename T>
 ELSA_HD int attn_ghost_pixel_sums(const AttnGhostArgs<T>& A) {
-  return A.chunk_taps * (A.chunk_vectors + 1);
+  return A.chunk_taps * attn_ghost_sum_stride(A.chunk_vectors);
 }
 template <typename T>
 ELSA_HD int64_t attn_ghost_shared_sums(const AttnGhostArgs<T>& A) {
@@ -718,7 +725,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
       const int cvl = e % A.chunk_vectors, tl = e / A.chunk_vectors;
       const int cv = cc * A.chunk_vectors + cvl, t = tc * A.chunk_taps + tl;
       th.live[k] = e < npairs && cv < cv_in_group && t < KK;
-      th.sum_slot[k] = tl * (A.chunk_vectors + 1) + cvl;
+      th.sum_slot[k] = tl * attn_ghost_sum_stride(A.chunk_vectors) + cvl;
       th.c[k] = grp * A.channels_per_group + cv * V;
       th.t[k] = t;
       const int p = t / K, q = t - p * K;
@@ -820,7 +827,7 @@ ELSA_HD void attn_ghost_block(const AttnGhostArgs<T>& A, Block& blk, int tile_in
           const int u = n % kRunPixels, t = tc * A.chunk_taps + tl;
           if (u < sr.count && t < KK) {
             const int64_t out_pix = (int64_t(b) * g.Ho * g.Wo + sr.pix + u) * g.G + grp;
-            const Shared<acc_t> sums = s_sum + (n * pixel_sums + tl * (A.chunk_vectors + 1));
+            const Shared<acc_t> sums = s_sum + (n * pixel_sums + tl * attn_ghost_sum_stride(A.chunk_vectors));
             acc_t total = 0;
             // (not unrolled: for a count known only at run time that is a cascade of remainders per item)
             ELSA_NO_UNROLL

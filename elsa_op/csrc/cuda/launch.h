@@ -286,8 +286,9 @@ inline AttnGhostPlan plan_attn_ghost(const Geometry<int64_t>& g, int V, int64_t 
   p.channel_chunks = cv / p.chunk_vectors;
   p.tap_chunks = (kk + p.chunk_taps - 1) / p.chunk_taps;
   // Shared memory for the step's weighted sums: at most 32 KiB, for one run of pixels or more (kMaxPairs pairs of
-  // 8-byte sums and their padding, at most 2 * kMaxPairs slots, take 32 KiB at 4 run slots).
-  p.step_pixels = int(std::clamp<int64_t>(32768 / (int64_t(p.chunk_vectors + 1) * p.chunk_taps * acc_size), 1, 8));
+  // 8-byte sums and their padding to an odd stride, at most 2 * kMaxPairs slots, take 32 KiB at 4 run slots).
+  p.step_pixels = int(
+      std::clamp<int64_t>(32768 / (int64_t(attn_ghost_sum_stride(p.chunk_vectors)) * p.chunk_taps * acc_size), 1, 8));
   p.step_pixels = std::max(p.step_pixels / kRunPixels, 1) * kRunPixels;
   // About 4096 blocks in all, each tile a multiple of P run slots. The split depends only on the shapes, so
   // the reduction order, and with it every bit of the result, is the same on every run and GPU.
