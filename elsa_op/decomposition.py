@@ -12,11 +12,13 @@ Three forms (:data:`FORMS`), chosen with :func:`decomposition_form`:
 
 - ``"blocks"`` (the default): the output is cut into blocks of K x K pixels. One Gather takes each
   block's patch of the zero-padded features (the S x S pixels its windows cover, S = K + (K - 1) *
-  dilation), a second Gather with a constant index spreads the block's attention into a
-  ``[K * K, S * S]`` weight matrix (zero where a pixel's window does not reach), and one batched MatMul
-  gives the block. It holds the patches, (S / K)^2 times the features, and the weight matrices, S * S
-  numbers per pixel and group. It is written for stride 1 with no ghost kernel on the taps (an additive
-  one shared by the batch is the convolution below); other calls take the windows form.
+  dilation), a second Gather, whose index depends on K and the dilation only, spreads the block's
+  attention into a ``[K * K, S * S]`` weight matrix (zero where a pixel's window does not reach), and one
+  batched MatMul gives the block. It holds the patches, (S / K)^2 times the features, and the weight
+  matrices, S * S numbers per pixel and group. It is written for stride 1 with no ghost kernel on the
+  taps (an additive one shared by the batch is the convolution below), and for an image size fixed at
+  export (the batch may stay dynamic): cutting a dynamic size into blocks would tie the program to
+  whether the example's size was a multiple of K. Other calls take the windows form.
 - ``"windows"``: one Gather takes every pixel's K * K window out of the zero-padded features, and one
   batched MatMul weighs each window's taps by the pixel's attention. It holds the K * K windows at once:
   K * K times the features' memory.
@@ -25,7 +27,7 @@ Three forms (:data:`FORMS`), chosen with :func:`decomposition_form`:
   size of the features, but a layer is about 4 * K * K nodes, which takes much longer to export and runs
   slower in onnxruntime.
 
-In all three a layer is a handful of nodes whatever K is, except in the taps form. The multiplicative ghost
+In the blocks and windows forms a layer is a handful of nodes whatever K is. The multiplicative ghost
 kernel scales the taps, and an additive ghost kernel shared by the batch is a depthwise convolution of the
 features, added once (a per-image one is weighed with the taps: a convolution's group count cannot follow
 a dynamic batch).
@@ -128,8 +130,9 @@ def _block_weights_index(b: int, K: int, d: int) -> Tensor:
         to it.
     """
     S = b + (K - 1) * d
-    # Built from aranges rather than by item assignment: an exporter traces whatever runs here, and a few
-    # broadcast ops fold into one constant where thousands of assignments would each become a node.
+    # Built from aranges rather than by item assignment: an exporter traces whatever runs here, and this is
+    # a few nodes on constants (onnxruntime folds them when it loads the file) where thousands of
+    # assignments would each become a node.
     u = torch.arange(b).reshape(b, 1, 1, 1)
     v = torch.arange(b).reshape(1, b, 1, 1)
     p = torch.arange(K).reshape(1, 1, K, 1)
@@ -139,21 +142,14 @@ def _block_weights_index(b: int, K: int, d: int) -> Tensor:
     return index.scatter(0, position, torch.arange(b * b * K * K))
 
 
-def _pad_if_needed(t: Tensor, pad: list) -> Tensor:
-    """F.pad, left out when every amount is known to be zero (sizes fixed at export need no Pad node)."""
-    if all(isinstance(amount, int) and amount == 0 for amount in pad):
-        return t
-    return F.pad(t, pad)
-
-
 def _blocks_form(features: Tensor, h_attn: Tensor, K: int, d: int) -> Tensor:
-    """Stride 1, no ghost kernel on the taps: [B, C, H, W] out.
+    """Stride 1, no ghost kernel on the taps, H and W fixed (ints): [B, C, H, W] out.
 
     The output is cut into blocks of K x K pixels, each of which reads an S x S patch of the padded
     features, S = K + (K - 1) * d. A block's attention is spread into a dense ``[K * K, S * S]`` weight
-    matrix over its patch (one Gather with a constant index), and one batched MatMul of the weights and the
-    gathered patches gives the block. The patches are about (S / K)^2 = 4 times the features (d = 1), not
-    K * K times, and each product has K * K rows, not one per pixel.
+    matrix over its patch (one Gather whose index depends on K and d only), and one batched MatMul of the
+    weights and the gathered patches gives the block. The patches are (S / K)^2 times the features (about
+    3.4 for K = 7, d = 1), not K * K times, and each product has K * K rows, not one per pixel.
 
     The attention and the output are reordered pixel-major (channels last): each move then carries whole
     runs of taps or channels, and the transposes at either end cancel those of a channels-last caller.
@@ -175,13 +171,15 @@ def _blocks_form(features: Tensor, h_attn: Tensor, K: int, d: int) -> Tensor:
     index = (index + left.reshape(1, -1, 1, 1) + offsets.reshape(1, 1, 1, -1)).reshape(-1)
     patches = pixels.index_select(2, index).reshape(B, G, rows * cols, S * S, Cg)
     # Attention, [B, H, W, G, K*K] -> per block [b, b, K*K] -> weights [b * b, S * S].
-    attn = _pad_if_needed(h_attn.permute(0, 3, 4, 1, 2), [0, 0, 0, 0, 0, cols * b - W, 0, rows * b - H])
+    attn = h_attn.permute(0, 3, 4, 1, 2)
+    if (rows * b, cols * b) != (H, W):
+        attn = F.pad(attn, (0, 0, 0, 0, 0, cols * b - W, 0, rows * b - H))
     attn = attn.reshape(B, rows, b, cols, b, G, KK).permute(0, 5, 1, 3, 2, 4, 6)
     attn = F.pad(attn.reshape(B, G, rows * cols, b * b * KK), (0, 1))  # the zero of the empty entries
     weights = attn.index_select(3, _block_weights_index(b, K, d).to(attn.device))
     out = torch.matmul(weights.reshape(B, G, rows * cols, b * b, S * S), patches)  # [B, G, blocks, b*b, C/G]
     out = out.reshape(B, G, rows, cols, b, b, Cg).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, rows * b, cols * b, C)
-    if not (isinstance(H, int) and H == rows * b and isinstance(W, int) and W == cols * b):
+    if (rows * b, cols * b) != (H, W):
         out = out[:, :H, :W]
     return out.permute(0, 3, 1, 2)
 
@@ -253,7 +251,8 @@ def elsa_forward_decomposition(
     mul = per_tap(ghost_mul) if ghost_mul is not None else None
     add_as_conv = ghost_add is not None and ghost_add.dim() == 3
     add = per_tap(ghost_add) if ghost_add is not None and not add_as_conv else None
-    if form == "blocks" and s == 1 and mul is None and add is None:
+    fixed_size = isinstance(H, int) and isinstance(W, int)  # an int, not a symbol of a dynamic size
+    if form == "blocks" and s == 1 and mul is None and add is None and fixed_size:
         result = _blocks_form(features.to(dtype), h, K, d)
     else:
         # Channels of a group share the attention: [B, G, C/G, Hp, Wp] features against [B, G, K*K, Ho, Wo].
