@@ -17,6 +17,7 @@ time, its time per call and the peak memory one call adds to a fresh process, at
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -117,17 +118,19 @@ def elsa_layer_forms(
 def time_interleaved(runners: dict[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per call of each runner, one per round, calling them in turn ``rounds`` times.
 
-    Each round starts one runner further along the list: a runtime's threads keep spinning for a while
-    after its call (onnxruntime's and OpenMP's, by default), which slows the call after it, and the
-    rotation spreads that over every runner instead of always charging the same one.
+    Every round calls the runners in a new order (shuffled, the same from run to run): a runtime's threads
+    may keep spinning for a while after its call (OpenMP's do by default), which slows the call after it,
+    and a fixed order would always charge that to the same runner.
     """
     for run in runners.values():
         for _ in range(warmup):
             run()
-    keys = list(runners)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for round_ in range(rounds):
-        for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
+    order = list(runners)
+    shuffle = random.Random(0).shuffle
+    times: dict[str, list[float]] = {k: [] for k in order}
+    for _ in range(rounds):
+        shuffle(order)
+        for key in order:
             start = time.perf_counter()
             runners[key]()
             times[key].append(time.perf_counter() - start)

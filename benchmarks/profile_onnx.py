@@ -46,17 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((args.batch, *shape), np.float32)}
-    session.run(None, feeds)  # warm-up, unprofiled
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / "profile")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(args.calls + 1):
+    feeds = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((args.batch, *shape), np.float32)}
+    for _ in range(args.calls + 1):  # the first call warms up, and is left out below
         session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
 
-    # Each node's kernel time, less the first (warm-up) call's: onnxruntime records one event per node run.
+    # Each node's kernel time over the calls after the first: onnxruntime records one event per node run.
     runs: dict[str, list[float]] = {}
     kind, shapes = {}, {}
     for event in events:

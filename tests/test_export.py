@@ -347,16 +347,23 @@ def test_aoti_dense_backbone_takes_the_classifiers_architecture_and_weights(elsa
     assert [f.shape[1] for f in feats] == [model.embed_dim * 2**i for i in range(4)]
 
 
-def test_the_deployment_benchmark_rotates_its_runners_and_pairs_rounds():
-    """bench_deploy.py's figures: each round starts one runner further along (so that no runner always
-    follows the same one's spinning threads), and a ratio is the median of the rounds' ratios, with their
-    range."""
+def test_the_deployment_benchmark_shuffles_its_runners_and_pairs_rounds():
+    """bench_deploy.py's figures: every round calls the runners in a new order, the same from run to run (so
+    that no runner always follows the same one's spinning threads), and a ratio is the median of the
+    rounds' ratios, with their range."""
     spec = importlib.util.spec_from_file_location("bench_deploy", REPO / "benchmarks" / "bench_deploy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     calls: list[str] = []
-    runners = {key: functools.partial(calls.append, key) for key in "abc"}
-    times = bench.time_interleaved(runners, rounds=4, warmup=1)
-    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"  # the warm-up, then 4 rotated rounds
-    assert {key: len(seconds) for key, seconds in times.items()} == {"a": 4, "b": 4, "c": 4}
+    runners = {key: functools.partial(calls.append, key) for key in "abcd"}
+    times = bench.time_interleaved(runners, rounds=8, warmup=1)
+    assert {key: len(seconds) for key, seconds in times.items()} == dict.fromkeys("abcd", 8)
+    assert calls[:4] == list("abcd")  # the warm-up
+    rounds = ["".join(calls[i : i + 4]) for i in range(4, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    for key in "abcd":  # what ran just before each runner's call
+        assert len({r[r.index(key) - 1] if r.index(key) else None for r in rounds}) >= 3, (key, rounds)
+    calls.clear()
+    bench.time_interleaved(runners, rounds=8, warmup=1)
+    assert ["".join(calls[i : i + 4]) for i in range(4, len(calls), 4)] == rounds
     assert bench.speedup([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == "3.00x (2.00-4.00)"
