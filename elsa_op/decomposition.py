@@ -99,16 +99,23 @@ def _tap(padded: Tensor, row: int, col: int, rows: int, cols: int, stride: int) 
     return padded[..., row : row + span_h : stride, col : col + span_w : stride]
 
 
+def _gather_windows(padded: Tensor, Ho: int, Wo: int, K: int, d: int, s: int) -> Tensor:
+    """Every output pixel's K x K window of ``padded`` [B, G, C/G, Hp, Wp], in one Gather:
+    [B, G, Ho * Wo, K * K, C/G]."""
+    B, G, Cg, Hp, Wp = padded.shape
+    # [B, G, Hp * Wp, C/G]: a pixel's channels of a group side by side, so that each tap gathers a row of them.
+    pixels = padded.reshape(B, G, Cg, Hp * Wp).transpose(2, 3)
+    index = _window_index(Ho, Wo, Wp, K, d, s, padded.device)
+    return pixels.index_select(2, index).reshape(B, G, Ho * Wo, K * K, Cg)
+
+
 def _windows_form(
     padded: Tensor, h_attn: Tensor, mul: Tensor | None, add: Tensor | None, K: int, d: int, s: int
 ) -> Tensor:
     """The sum over each window as one Gather and one batched MatMul: [B, G, C/G, Ho * Wo] out."""
-    B, G, Cg, Hp, Wp = padded.shape
+    B, G = padded.shape[:2]
     Ho, Wo = h_attn.shape[3], h_attn.shape[4]
-    index = _window_index(Ho, Wo, Wp, K, d, s, padded.device)
-    # [B, G, Hp * Wp, C/G]: a pixel's channels of a group side by side, so that each tap gathers a row of them.
-    pixels = padded.reshape(B, G, Cg, Hp * Wp).transpose(2, 3)
-    windows = pixels.index_select(2, index).reshape(B, G, Ho * Wo, K * K, Cg)
+    windows = _gather_windows(padded, Ho, Wo, K, d, s)
     taps = windows if mul is None else windows * mul
     weight = h_attn.reshape(B, G, K * K, Ho * Wo).transpose(2, 3).unsqueeze(3)  # [B, G, Ho * Wo, 1, K*K]
     out = torch.matmul(weight, taps).squeeze(3)  # [B, G, Ho * Wo, C/G]
@@ -159,17 +166,10 @@ def _blocks_form(features: Tensor, h_attn: Tensor, K: int, d: int) -> Tensor:
     Cg, b, r = C // G, K, K // 2 * d
     S = b + (K - 1) * d
     rows, cols = (H + b - 1) // b, (W + b - 1) // b
-    # Features, zero-padded for the windows' margin and out to whole blocks: [B, G, pixels, C/G], then the
-    # patch of each block, [B, G, blocks, S * S, C/G].
+    # Features, zero-padded for the windows' margin and out to whole blocks; a block's patch is the S x S
+    # window of a b-strided grid: [B, G, blocks, S * S, C/G].
     padded = F.pad(features, (r, r + cols * b - W, r, r + rows * b - H))
-    Hq, Wq = padded.shape[2], padded.shape[3]
-    pixels = padded.reshape(B, G, Cg, Hq * Wq).transpose(2, 3)
-    offsets = torch.arange(S, device=features.device)
-    top = torch.arange(rows, device=features.device) * b
-    left = torch.arange(cols, device=features.device) * b
-    index = (top.reshape(-1, 1, 1, 1) + offsets.reshape(1, 1, -1, 1)) * Wq
-    index = (index + left.reshape(1, -1, 1, 1) + offsets.reshape(1, 1, 1, -1)).reshape(-1)
-    patches = pixels.index_select(2, index).reshape(B, G, rows * cols, S * S, Cg)
+    patches = _gather_windows(padded.reshape(B, G, Cg, *padded.shape[2:]), rows, cols, S, 1, b)
     # Attention, [B, H, W, G, K*K] -> per block [b, b, K*K] -> weights [b * b, S * S].
     attn = h_attn.permute(0, 3, 4, 1, 2)
     if (rows * b, cols * b) != (H, W):
